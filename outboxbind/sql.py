@@ -1,0 +1,68 @@
+"""Helpers for stores that keep their SQL in ``.sql`` files.
+
+A queries file holds named statements, each introduced by a ``-- name: <name>`` line and a
+one-line ``-- <description>``. Table names appear as ``{placeholders}`` that the store fills
+with quoted identifiers; values are always bound parameters, never formatted in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib.resources.abc import Traversable
+
+from outboxbind.errors import InvalidIdentifier
+
+__all__ = ["check_identifier", "load_queries", "quote_identifier", "render"]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_IDENTIFIER_LENGTH = 48  # leaves room for suffixes within PostgreSQL's 63 bytes
+
+
+def check_identifier(name: str, what: str = "table name") -> str:
+    """Return ``name`` if it is a plain identifier (letters, digits, underscores); else raise.
+
+    Names are quoted as well when used, but outboxbind refuses anything a reader would have to
+    squint at (quotes, spaces, semicolons, dots, NUL), rather than store it.
+    """
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise InvalidIdentifier(
+            f"{what} {name!r} is not a plain SQL identifier: use letters, digits and "
+            "underscores, starting with a letter or underscore"
+        )
+    if len(name) > MAX_IDENTIFIER_LENGTH:
+        raise InvalidIdentifier(
+            f"{what} {name!r} is {len(name)} characters, over the limit of {MAX_IDENTIFIER_LENGTH}"
+        )
+    return name
+
+
+def quote_identifier(name: str) -> str:
+    """Quote ``name`` as an SQL identifier (double quotes, inner quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def load_queries(source: Traversable) -> dict[str, str]:
+    """Parse a queries file into ``{name: sql}``; see the module docstring for the format."""
+    queries: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+    for line in source.read_text(encoding="utf-8").splitlines():
+        match = re.fullmatch(r"--\s*name:\s*(\w+)\s*", line)
+        if match:
+            if name is not None:
+                queries[name] = "\n".join(lines).strip()
+            name, lines = match.group(1), []
+            if name in queries:
+                raise ValueError(f"{source}: query {name!r} is defined twice")
+        elif name is not None and not line.startswith("--"):
+            lines.append(line)
+    if name is not None:
+        queries[name] = "\n".join(lines).strip()
+    return queries
+
+
+def render(queries: Mapping[str, str], identifiers: Mapping[str, str]) -> dict[str, str]:
+    """Fill each query's ``{placeholders}`` with the quoted ``identifiers``."""
+    quoted = {key: quote_identifier(value) for key, value in identifiers.items()}
+    return {name: sql.format_map(quoted) for name, sql in queries.items()}

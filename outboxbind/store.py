@@ -1,0 +1,359 @@
+"""The store contract: what a database must offer the relay.
+
+A store has one job: :meth:`Store.checkout_batch` hands out a :class:`MessageBatch` that holds
+its messages exclusively until it is closed. Everything the relay learns while publishing is
+told to the batch (``mark_published``, ``mark_failed``, ``mark_dead``) and takes effect when
+the batch is closed. The conformance kit in :mod:`outboxbind.testing` is this contract in
+executable form: a store that passes it works with the relay.
+
+The rules a store keeps:
+
+* **Exclusive.** While a batch is open, no other checkout (in this process or any other) may
+  return any message of the batch's sequences. A sequence is a ``(topic, ordering_key)`` pair;
+  messages without an ordering key form their topic's sequence.
+* **Ordered.** A batch lists each sequence's messages in the order they were written, and only a
+  prefix of the sequence's pending messages: never a message while an earlier message of its
+  sequence is leased by another batch or waiting for a retry (``mark_failed``).
+* **Delayed.** A message written with ``deliver_after`` is not checked out before then; until it
+  is due it does not hold back later messages of its sequence.
+* **Leased.** A batch holds its sequences through a lease that expires, so a relay killed
+  mid-batch does not hold them forever. A batch whose lease expired and was taken by another
+  checkout must not change anything of those sequences on close (the fencing rule); it raises
+  :class:`~outboxbind.errors.LeaseLost` instead.
+* **Fair.** When more sequences are due than fit in ``limit``, no sequence takes the whole batch
+  while others wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Literal, Protocol, TypeVar, runtime_checkable
+
+import attrs
+
+from outboxbind.messages import PersistedMessage
+
+__all__ = [
+    "AsyncMessageBatch",
+    "AsyncStore",
+    "DeadLetter",
+    "DeadLetterAdmin",
+    "MessageBatch",
+    "Store",
+    "TopicBacklog",
+    "BufferedBatch",
+    "MarkedOutcome",
+    "WakeupSource",
+    "round_robin",
+    "threaded",
+]
+
+
+class MessageBatch(Protocol):
+    """Messages checked out by one relay, held exclusively until :meth:`close`."""
+
+    @property
+    def messages(self) -> Sequence[PersistedMessage]:
+        """The batch's messages, each sequence's in the order they were written."""
+        ...
+
+    def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
+        """Record that ``message`` was published; it is never checked out again after close."""
+        ...
+
+    def mark_failed(
+        self, message: PersistedMessage, error: str, retry_after: timedelta | None
+    ) -> None:
+        """Record a failed attempt: count it, keep ``error``, and make the message due again
+        after ``retry_after`` (``None``: hold it, and so its sequence, until it is replayed).
+        Later messages of its sequence wait for it."""
+        ...
+
+    def mark_dead(self, message: PersistedMessage, error: str) -> None:
+        """Move ``message`` to the dead letters with ``error``; its sequence goes on without it."""
+        ...
+
+    def close(self) -> None:
+        """Apply what was marked, release every message that was not, and end the lease.
+
+        Raises :class:`~outboxbind.errors.LeaseLost` for sequences whose lease was taken over;
+        their marks are dropped (another relay now owns them).
+        """
+        ...
+
+    def __enter__(self) -> MessageBatch: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Store(Protocol):
+    """A place the relay checks out outbox messages from."""
+
+    def checkout_batch(self, topic_names: Sequence[str], limit: int) -> MessageBatch | None:
+        """Check out up to ``limit`` due messages of ``topic_names``; ``None`` if there are none."""
+        ...
+
+
+class AsyncMessageBatch(Protocol):
+    """The asyncio twin of :class:`MessageBatch`."""
+
+    @property
+    def messages(self) -> Sequence[PersistedMessage]:
+        """The batch's messages, each sequence's in the order they were written."""
+        ...
+
+    async def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
+        """See :meth:`MessageBatch.mark_published`."""
+        ...
+
+    async def mark_failed(
+        self, message: PersistedMessage, error: str, retry_after: timedelta | None
+    ) -> None:
+        """See :meth:`MessageBatch.mark_failed`."""
+        ...
+
+    async def mark_dead(self, message: PersistedMessage, error: str) -> None:
+        """See :meth:`MessageBatch.mark_dead`."""
+        ...
+
+    async def close(self) -> None:
+        """See :meth:`MessageBatch.close`."""
+        ...
+
+
+class AsyncStore(Protocol):
+    """The asyncio twin of :class:`Store`."""
+
+    async def checkout_batch(
+        self, topic_names: Sequence[str], limit: int
+    ) -> AsyncMessageBatch | None:
+        """See :meth:`Store.checkout_batch`."""
+        ...
+
+
+@runtime_checkable
+class WakeupSource(Protocol):
+    """A store that can tell the relay when new messages were committed.
+
+    The relay subscribes while it polls; ``callback`` may be called from any thread, and may be
+    called spuriously. Polling stays the fallback, so a lost wake-up costs latency, never a
+    message.
+    """
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when messages may have been committed; return an unsubscriber."""
+        ...
+
+
+@attrs.frozen
+class DeadLetter:
+    """A message the relay gave up on.
+
+    Attributes:
+        message: the message, with its attempts.
+        error: the last error.
+        state: ``"parked"`` (moved aside, its sequence went on) or ``"blocked"`` (still at the
+            head of its sequence, holding the rest back).
+        since: when it was given up on.
+    """
+
+    message: PersistedMessage
+    error: str
+    state: Literal["parked", "blocked"]
+    since: datetime
+
+
+@attrs.frozen
+class TopicBacklog:
+    """How far behind one topic is.
+
+    Attributes:
+        topic: the topic name.
+        pending: messages not yet published (blocked ones included).
+        oldest_pending_age: seconds since the oldest pending message was written (0 if none).
+        dead: dead letters, parked and blocked.
+    """
+
+    topic: str
+    pending: int
+    oldest_pending_age: float
+    dead: int
+
+
+@runtime_checkable
+class DeadLetterAdmin(Protocol):
+    """Operations on dead letters and the backlog, for the CLI and operators (optional)."""
+
+    def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """List dead letters, oldest first, of one topic or all."""
+        ...
+
+    def replay_dead_letters(self, ids: Sequence[str]) -> int:
+        """Make the given dead letters pending again with zero attempts; return how many."""
+        ...
+
+    def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete the given dead letters for good; return how many."""
+        ...
+
+    def backlog(self) -> list[TopicBacklog]:
+        """Return the backlog of every topic that has pending or dead messages."""
+        ...
+
+
+class _ThreadedBatch:
+    def __init__(self, batch: MessageBatch) -> None:
+        self._batch = batch
+
+    @property
+    def messages(self) -> Sequence[PersistedMessage]:
+        return self._batch.messages
+
+    async def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
+        self._batch.mark_published(message, publish_id)  # buffered: no I/O until close
+
+    async def mark_failed(
+        self, message: PersistedMessage, error: str, retry_after: timedelta | None
+    ) -> None:
+        self._batch.mark_failed(message, error, retry_after)
+
+    async def mark_dead(self, message: PersistedMessage, error: str) -> None:
+        self._batch.mark_dead(message, error)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._batch.close)
+
+
+class _ThreadedStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def checkout_batch(
+        self, topic_names: Sequence[str], limit: int
+    ) -> AsyncMessageBatch | None:
+        batch = await asyncio.to_thread(self.store.checkout_batch, topic_names, limit)
+        return None if batch is None else _ThreadedBatch(batch)
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        if isinstance(self.store, WakeupSource):
+            return self.store.subscribe_wakeups(callback)
+        return lambda: None
+
+    def __repr__(self) -> str:
+        return f"threaded({self.store!r})"
+
+
+def threaded(store: Store) -> AsyncStore:
+    """Give a synchronous store an asyncio face by running its I/O in worker threads.
+
+    The store's batches must buffer their marks until ``close()`` (every built-in store does),
+    because only ``checkout_batch`` and ``close`` run in a thread.
+    """
+    return _ThreadedStore(store)
+
+
+# -- helpers for store authors -------------------------------------------------------------------
+
+SequenceKey = tuple[str, str]
+"""A sequence as stores key it: ``(topic, ordering_key or "")``."""
+
+MarkedOutcome = tuple[Literal["published", "failed", "dead"], PersistedMessage, str | None,
+                      timedelta | None]  # fmt: skip
+"""What a batch was told about one message: kind, message, error, retry_after."""
+
+
+class BufferedBatch:
+    """A :class:`MessageBatch` that buffers its marks and applies them on :meth:`close`.
+
+    A store subclasses it and implements :meth:`_apply`, which receives, per leased sequence,
+    the lease token and the marks in the order they were made. Buffering keeps marks free of
+    I/O and lets the store apply one batch in one transaction, with one fencing check per
+    sequence.
+    """
+
+    def __init__(self, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]) -> None:
+        self._messages = messages
+        self.tokens = tokens
+        self.outcomes: dict[SequenceKey, list[MarkedOutcome]] = {}
+        self.closed = False
+
+    @property
+    def messages(self) -> Sequence[PersistedMessage]:
+        """The leased messages; each sequence's in order."""
+        return self._messages
+
+    def _mark(
+        self,
+        kind: Literal["published", "failed", "dead"],
+        message: PersistedMessage,
+        error: str | None = None,
+        retry_after: timedelta | None = None,
+    ) -> None:
+        if self.closed:
+            raise RuntimeError("this batch is closed")
+        sequence = (message.topic, message.ordering_key or "")
+        if sequence not in self.tokens:
+            raise ValueError(f"message {message.id} is not part of this batch")
+        self.outcomes.setdefault(sequence, []).append((kind, message, error, retry_after))
+
+    def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
+        """Acknowledge ``message``; it is removed (or kept as published) on close."""
+        self._mark("published", message)
+
+    def mark_failed(
+        self, message: PersistedMessage, error: str, retry_after: timedelta | None
+    ) -> None:
+        """Count a failed attempt; due again after ``retry_after`` (``None``: blocked)."""
+        self._mark("failed", message, error, retry_after)
+
+    def mark_dead(self, message: PersistedMessage, error: str) -> None:
+        """Park ``message`` in the dead letters on close."""
+        self._mark("dead", message, error)
+
+    def close(self) -> None:
+        """Apply the marks and end the leases (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._apply()
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> BufferedBatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+M = TypeVar("M")
+
+
+def round_robin(sequences: dict[SequenceKey, list[M]], limit: int) -> list[M]:
+    """Interleave the sequences' messages, each keeping its order, and cut at ``limit``.
+
+    Every sequence keeps a prefix of its messages, and none takes the batch while others wait.
+    """
+    chosen: list[M] = []
+    depth = 0
+    while len(chosen) < limit:
+        layer = [items[depth] for items in sequences.values() if depth < len(items)]
+        if not layer:
+            break
+        chosen.extend(layer[: limit - len(chosen)])
+        depth += 1
+    return chosen

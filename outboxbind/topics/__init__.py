@@ -1,0 +1,258 @@
+"""The topic contract: what a destination must offer to be bound and relayed.
+
+A topic has a name, a codec, an optional ordering key function and a size limit. It validates
+and encodes messages (:meth:`Topic.make_entry`, used by both ``bind()`` and direct publishing),
+publishes one message directly (:meth:`Topic.publish`) and publishes a relay's batch
+(:meth:`Topic.publish_batch`), reporting a publish id or an error for each message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
+
+from outboxbind.codecs import Codec
+from outboxbind.errors import (
+    EncodeError,
+    InvalidAttributes,
+    InvalidOrderingKey,
+    MessageTooLarge,
+    NotAttempted,
+    PublishError,
+)
+from outboxbind.messages import OutboxEntry, PersistedMessage
+
+__all__ = ["PublishOutcome", "Topic", "publish_in_key_order"]
+
+T = TypeVar("T")
+
+PublishOutcome = str | BaseException
+"""What a topic reports for one message of a batch: its publish id, or the error."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
+DEFAULT_MAX_ORDERING_KEY_BYTES = 1024
+DEFAULT_MAX_ATTRIBUTES = 100
+
+
+class Topic(ABC, Generic[T]):
+    """Base class of every topic: validation and encoding here, publishing in subclasses.
+
+    Args:
+        name: the name the relay and the outbox know the topic by.
+        codec: turns messages into bytes (see :mod:`outboxbind.codecs`).
+        ordering_key: a function of the message giving its ordering key. Messages with the same
+            key are published in the order they were written; without it, the whole topic keeps
+            one order. The function may return ``None`` for a message that keeps topic order.
+        max_message_bytes: the largest encoded message ``publish()`` accepts.
+        max_ordering_key_bytes: the longest ordering key (UTF-8 bytes) ``publish()`` accepts.
+        max_attributes: the most attributes one message may carry.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        codec: Codec[T],
+        *,
+        ordering_key: Callable[[T], str | None] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_ordering_key_bytes: int = DEFAULT_MAX_ORDERING_KEY_BYTES,
+        max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+    ) -> None:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"a topic name must be a non-empty string without NUL, not {name!r}")
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, not {max_message_bytes}")
+        self.name = name
+        self.codec = codec
+        self.ordering_key = ordering_key
+        self.max_message_bytes = max_message_bytes
+        self.max_ordering_key_bytes = max_ordering_key_bytes
+        self.max_attributes = max_attributes
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- validation and encoding -------------------------------------------------------------
+
+    def make_entry(
+        self,
+        message: T,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        deliver_after: datetime | timedelta | None = None,
+    ) -> OutboxEntry:
+        """Encode and validate ``message`` into the entry a persister writes.
+
+        Raises:
+            EncodeError: the codec refused the message.
+            MessageTooLarge: the encoded message is over ``max_message_bytes``.
+            InvalidOrderingKey: the ordering key function failed or returned a bad key.
+            InvalidAttributes: an attribute is not a string, is empty, or there are too many.
+            PublishError: ``deliver_after`` is a naive datetime.
+        """
+        try:
+            data = self.codec.encode(message)
+        except Exception as exc:
+            raise EncodeError(
+                f"topic {self.name!r}: cannot encode {type(message).__name__} "
+                f"with {self.codec!r}: {exc}"
+            ) from exc
+        if not isinstance(data, bytes):
+            raise EncodeError(
+                f"topic {self.name!r}: codec {self.codec!r} returned "
+                f"{type(data).__name__}, not bytes"
+            )
+        if len(data) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"topic {self.name!r}: the encoded message is {len(data)} bytes, over the "
+                f"topic's limit of {self.max_message_bytes} bytes"
+            )
+        key = self._ordering_key_of(message)
+        attrs_ = self._checked_attributes(attributes) if attributes else None
+        return OutboxEntry(
+            topic=self.name,
+            data=data,
+            attributes=attrs_,
+            ordering_key=key,
+            deliver_after=self._deliver_after(deliver_after),
+        )
+
+    def _ordering_key_of(self, message: T) -> str | None:
+        if self.ordering_key is None:
+            return None
+        try:
+            key = self.ordering_key(message)
+        except Exception as exc:
+            raise InvalidOrderingKey(
+                f"topic {self.name!r}: the ordering key function failed on "
+                f"{type(message).__name__}: {exc!r}"
+            ) from exc
+        if key is None:
+            return None
+        if not isinstance(key, str):
+            raise InvalidOrderingKey(
+                f"topic {self.name!r}: an ordering key must be a str, "
+                f"not {type(key).__name__} ({key!r})"
+            )
+        if not key:
+            raise InvalidOrderingKey(
+                f"topic {self.name!r}: the ordering key is empty; return None for a message "
+                "that keeps the topic-wide order"
+            )
+        if "\x00" in key:
+            raise InvalidOrderingKey(f"topic {self.name!r}: the ordering key {key!r} contains NUL")
+        size = len(key.encode("utf-8", "surrogatepass"))
+        if size > self.max_ordering_key_bytes:
+            raise InvalidOrderingKey(
+                f"topic {self.name!r}: the ordering key is {size} bytes, over the limit of "
+                f"{self.max_ordering_key_bytes} bytes"
+            )
+        return key
+
+    def _checked_attributes(self, attributes: Mapping[str, str]) -> dict[str, str]:
+        if not isinstance(attributes, Mapping):
+            raise InvalidAttributes(
+                f"topic {self.name!r}: attributes must be a mapping, "
+                f"not {type(attributes).__name__}"
+            )
+        if len(attributes) > self.max_attributes:
+            raise InvalidAttributes(
+                f"topic {self.name!r}: {len(attributes)} attributes, over the limit of "
+                f"{self.max_attributes}"
+            )
+        for name, value in attributes.items():
+            if not isinstance(name, str) or not name or "\x00" in name:
+                raise InvalidAttributes(
+                    f"topic {self.name!r}: attribute name {name!r} must be a non-empty "
+                    "string without NUL"
+                )
+            if not isinstance(value, str) or "\x00" in value:
+                raise InvalidAttributes(
+                    f"topic {self.name!r}: attribute {name!r} must be a string without NUL, "
+                    f"not {value!r}"
+                )
+        self.validate_attributes(attributes)
+        return dict(attributes)
+
+    def validate_attributes(self, attributes: Mapping[str, str]) -> None:
+        """Destination-specific attribute checks; raise :class:`InvalidAttributes` to refuse.
+
+        The base class checks types and count; a subclass adds its destination's limits.
+        """
+
+    def _deliver_after(self, value: datetime | timedelta | None) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, timedelta):
+            return datetime.now(UTC) + value
+        if isinstance(value, datetime):
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise PublishError(
+                    f"topic {self.name!r}: deliver_after must be timezone-aware "
+                    f"(got naive {value.isoformat()})"
+                )
+            return value
+        raise PublishError(
+            f"topic {self.name!r}: deliver_after must be a datetime or timedelta, "
+            f"not {type(value).__name__}"
+        )
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def publish(self, message: T, *, attributes: Mapping[str, str] | None = None) -> str:
+        """Publish ``message`` directly (not transactionally) and return its publish id."""
+
+    @abstractmethod
+    def publish_batch(
+        self, messages: Sequence[PersistedMessage], *, timeout: float
+    ) -> list[PublishOutcome]:
+        """Publish a relay's batch; return one outcome per message, in the same order.
+
+        The contract every topic keeps:
+
+        * messages of the same ordering key (``None`` included) are listed in their order and
+          must reach the destination in that order;
+        * after a message fails, later messages of its key in this batch must not be
+          published: report :class:`~outboxbind.errors.NotAttempted` for them;
+        * an outcome is the destination's publish id (a string) or the exception; an
+          :class:`~outboxbind.errors.UnpublishableError` tells the relay not to retry;
+        * the outbox id (``message.id``) goes to the consumer with the message, so it can
+          deduplicate;
+        * give up after ``timeout`` seconds, reporting :class:`TimeoutError` for what is not
+          confirmed.
+        """
+
+    async def publish_batch_async(
+        self, messages: Sequence[PersistedMessage], *, timeout: float
+    ) -> list[PublishOutcome]:
+        """The asyncio face of :meth:`publish_batch`; by default it runs it in a thread."""
+        return await asyncio.to_thread(self.publish_batch, messages, timeout=timeout)
+
+
+def publish_in_key_order(
+    messages: Sequence[PersistedMessage], send: Callable[[PersistedMessage], str]
+) -> list[PublishOutcome]:
+    """Publish one message at a time with ``send``, keeping the batch contract.
+
+    A helper for simple topics: when ``send`` raises for a message, the later messages of its
+    ordering key are reported as :class:`~outboxbind.errors.NotAttempted` while other keys go on.
+    """
+    failed: dict[tuple[str, str | None], BaseException] = {}
+    outcomes: list[PublishOutcome] = []
+    for message in messages:
+        earlier_failure = failed.get(message.sequence)
+        if earlier_failure is not None:
+            outcomes.append(
+                NotAttempted(f"message {message.id}: an earlier message of its key failed")
+            )
+            continue
+        try:
+            outcomes.append(send(message))
+        except Exception as exc:
+            failed[message.sequence] = exc
+            outcomes.append(exc)
+    return outcomes

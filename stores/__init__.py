@@ -1,0 +1,1 @@
+"""The built-in stores, one package each: ``outboxbind.stores.<name>``."""

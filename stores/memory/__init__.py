@@ -1,0 +1,335 @@
+"""An in-memory store: the store contract in plain Python, for tests of code that uses a relay.
+
+It passes the same conformance kit as the database stores, so a test that runs a relay over it
+sees the real ordering, lease, retry and dead-letter behaviour, without a database::
+
+    store = InMemoryStore()
+    with store.transaction() as tx:
+        bind(orders, tx).publish(OrderPlaced(...))
+    relay = Relay(store)
+    relay.register_topic(orders)
+    relay.process_messages()
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import attrs
+
+from outboxbind import wakeup
+from outboxbind.errors import ConfigurationError, LeaseLost
+from outboxbind.messages import OutboxEntry, PersistedMessage
+from outboxbind.store import (
+    BufferedBatch,
+    DeadLetter,
+    MarkedOutcome,
+    SequenceKey,
+    TopicBacklog,
+    round_robin,
+)
+
+__all__ = ["InMemoryBatch", "InMemoryStore", "InMemoryTransaction"]
+
+
+@attrs.define
+class _Row:
+    id: int
+    topic: str
+    key: str
+    data: bytes
+    attributes: dict[str, str]
+    created_at: float
+    available_at: float | None
+    attempts: int = 0
+    last_error: str | None = None
+    failed_at: float | None = None
+
+    def message(self) -> PersistedMessage:
+        return PersistedMessage(
+            id=str(self.id),
+            topic=self.topic,
+            data=self.data,
+            attributes=self.attributes,
+            ordering_key=self.key or None,
+            created_at=datetime.fromtimestamp(self.created_at, UTC),
+            attempts=self.attempts,
+        )
+
+
+class InMemoryTransaction:
+    """A persister whose writes become visible to the store only on :meth:`commit`."""
+
+    def __init__(self, store: InMemoryStore) -> None:
+        self._store = store
+        self._pending: list[_Row] = []
+        self._done = False
+
+    def __call__(self, entry: OutboxEntry, /) -> str:
+        """Stage ``entry``; return the outbox id it will have."""
+        if self._done:
+            raise RuntimeError("this transaction is already committed or rolled back")
+        row = self._store._new_row(entry)
+        self._pending.append(row)
+        return str(row.id)
+
+    def commit(self) -> None:
+        """Make the staged messages visible to relays."""
+        self._done = True
+        self._store._insert(self._pending)
+        self._pending = []
+
+    def rollback(self) -> None:
+        """Discard the staged messages."""
+        self._done = True
+        self._pending = []
+
+
+class InMemoryStore:
+    """The store contract in memory. Thread-safe; not shared across processes.
+
+    Args:
+        lease_duration: seconds a batch holds its sequences.
+        clock: the time source in unix seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self, *, lease_duration: float = 60.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        if lease_duration <= 0:
+            raise ConfigurationError(f"lease_duration must be positive, not {lease_duration!r}")
+        self.lease_duration = lease_duration
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sequences: dict[SequenceKey, list[_Row]] = {}
+        self._leases: dict[SequenceKey, tuple[str, float]] = {}
+        self._dead: dict[int, _Row] = {}
+        self._cursor: SequenceKey | None = None
+        self._channel = f"memory:{id(self)}"
+
+    # -- writing -------------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[InMemoryTransaction]:
+        """A transaction to bind topics to; commits on success, rolls back on an exception."""
+        tx = InMemoryTransaction(self)
+        try:
+            yield tx
+        except BaseException:
+            tx.rollback()
+            raise
+        tx.commit()
+
+    def _new_row(self, entry: OutboxEntry) -> _Row:
+        now = time.time()
+        due = entry.deliver_after.timestamp() if entry.deliver_after else now
+        with self._lock:
+            id_ = next(self._ids)
+        return _Row(
+            id_, entry.topic, entry.ordering_key or "", entry.data, dict(entry.attributes),
+            now, max(now, due),
+        )  # fmt: skip
+
+    def _insert(self, rows: list[_Row]) -> None:
+        with self._lock:
+            for row in rows:
+                sequence = self._sequences.setdefault((row.topic, row.key), [])
+                bisect.insort(sequence, row, key=lambda r: r.id)
+        if rows:
+            wakeup.signal(self._channel)
+
+    # -- the Store protocol --------------------------------------------------------------------
+
+    def checkout_batch(self, topic_names: Sequence[str], limit: int) -> InMemoryBatch | None:
+        """Lease up to ``limit`` due messages of ``topic_names``, fairly across sequences."""
+        if not topic_names or limit <= 0:
+            return None
+        wanted = set(topic_names)
+        with self._lock:
+            now = self.clock()
+            taken: dict[SequenceKey, list[_Row]] = {}
+            found = 0
+            for sequence in self._rotation(wanted):
+                lease = self._leases.get(sequence)
+                if lease is not None and lease[1] > now:
+                    continue
+                rows = self._due_prefix(self._sequences[sequence], limit, now)
+                if rows:
+                    taken[sequence] = rows
+                    found += len(rows)
+                    if found >= limit:
+                        break
+            if not taken:
+                return None
+            tokens = {}
+            for sequence in taken:
+                tokens[sequence] = secrets.token_hex(16)
+                self._leases[sequence] = (tokens[sequence], now + self.lease_duration)
+        messages = [row.message() for row in round_robin(taken, limit)]
+        return InMemoryBatch(self, messages, tokens)
+
+    def _rotation(self, wanted: set[str]) -> Iterator[SequenceKey]:
+        ordered = sorted(s for s in self._sequences if s[0] in wanted and self._sequences[s])
+        if self._cursor is not None:
+            split = bisect.bisect_right(ordered, self._cursor)
+            ordered = ordered[split:] + ordered[:split]
+        for sequence in ordered:
+            self._cursor = sequence
+            yield sequence
+
+    @staticmethod
+    def _due_prefix(rows: list[_Row], limit: int, now: float) -> list[_Row]:
+        due = []
+        for row in rows:
+            if row.available_at is not None and row.available_at <= now:
+                due.append(row)
+                if len(due) >= limit:
+                    break
+            elif row.attempts > 0:
+                break  # waiting for a retry, or blocked
+        return due
+
+    def _close_batch(self, batch: InMemoryBatch) -> None:
+        lost = []
+        with self._lock:
+            now = self.clock()
+            for sequence, token in batch.tokens.items():
+                lease = self._leases.get(sequence)
+                if lease is None or lease[0] != token:
+                    lost.append(sequence)
+                    continue
+                del self._leases[sequence]
+                self._apply(sequence, batch.outcomes.get(sequence, []), now)
+        if lost:
+            names = ", ".join(f"{t}/{k or '*'}" for t, k in lost)
+            raise LeaseLost(f"in-memory store: the lease of {names} was taken over")
+
+    def _apply(self, sequence: SequenceKey, outcomes: list[MarkedOutcome], now: float) -> None:
+        rows = self._sequences.get(sequence, [])
+        by_id = {row.id: row for row in rows}
+        gone: set[int] = set()
+        for kind, message, error, retry_after in outcomes:
+            row = by_id.get(int(message.id))
+            if row is None:
+                continue
+            if kind == "published":
+                gone.add(row.id)
+                continue
+            row.attempts += 1
+            row.last_error = error
+            row.failed_at = now
+            if kind == "dead":
+                gone.add(row.id)
+                self._dead[row.id] = row
+            else:
+                row.available_at = (
+                    None if retry_after is None else now + retry_after.total_seconds()
+                )
+        if gone:
+            rows[:] = [row for row in rows if row.id not in gone]
+
+    # -- wake-ups ------------------------------------------------------------------------------
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Wake ``callback`` when a transaction on this store commits."""
+        return wakeup.subscribe(self._channel, callback)
+
+    # -- DeadLetterAdmin -----------------------------------------------------------------------
+
+    def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Parked and blocked messages, oldest first."""
+        with self._lock:
+            found = [(row, "parked") for row in self._dead.values()]
+            found += [
+                (row, "blocked")
+                for rows in self._sequences.values()
+                for row in rows
+                if row.available_at is None
+            ]
+        found = sorted((f for f in found if topic is None or f[0].topic == topic), key=_row_id)
+        return [
+            DeadLetter(row.message(), row.last_error or "", state,  # type: ignore[arg-type]
+                       datetime.fromtimestamp(row.failed_at or 0, UTC))
+            for row, state in found[:limit]
+        ]  # fmt: skip
+
+    def replay_dead_letters(self, ids: Sequence[str]) -> int:
+        """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        wanted = {int(i) for i in ids}
+        with self._lock:
+            now = self.clock()
+            replayed = []
+            for id_ in wanted & self._dead.keys():
+                replayed.append(self._dead.pop(id_))
+            for rows in self._sequences.values():
+                replayed += [row for row in rows if row.id in wanted and row.available_at is None]
+            for row in replayed:
+                row.attempts, row.available_at, row.last_error, row.failed_at = 0, now, None, None
+        self._insert([row for row in replayed if row.id not in self._ids_present()])
+        return len(replayed)
+
+    def _ids_present(self) -> set[int]:
+        with self._lock:
+            return {row.id for rows in self._sequences.values() for row in rows}
+
+    def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete parked or blocked messages for good."""
+        wanted = {int(i) for i in ids}
+        with self._lock:
+            purged = len([self._dead.pop(i) for i in wanted & self._dead.keys()])
+            for rows in self._sequences.values():
+                keep = [r for r in rows if not (r.id in wanted and r.available_at is None)]
+                purged += len(rows) - len(keep)
+                rows[:] = keep
+        return purged
+
+    def backlog(self) -> list[TopicBacklog]:
+        """Pending, oldest pending age and dead letters, per topic."""
+        with self._lock:
+            now = self.clock()
+            stats: dict[str, list[float]] = {}
+            for (topic, _), rows in self._sequences.items():
+                entry = stats.setdefault(topic, [0, now, 0])
+                for row in rows:
+                    entry[0] += 1
+                    entry[1] = min(entry[1], row.created_at)
+                    entry[2] += row.available_at is None
+            for row in self._dead.values():
+                stats.setdefault(row.topic, [0, now, 0])[2] += 1
+        return [
+            TopicBacklog(topic, int(p), max(0.0, now - oldest) if p else 0.0, int(d))
+            for topic, (p, oldest, d) in sorted(stats.items())
+            if p or d
+        ]
+
+    def pending_ids(self) -> list[str]:
+        """The ids of every message not yet published (test helper)."""
+        return [str(i) for i in sorted(self._ids_present())]
+
+
+def _row_id(found: tuple[_Row, str]) -> int:
+    return found[0].id
+
+
+class InMemoryBatch(BufferedBatch):
+    """Messages leased from an :class:`InMemoryStore`; marks are applied on close."""
+
+    def __init__(
+        self,
+        store: InMemoryStore,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._store = store
+
+    def _apply(self) -> None:
+        self._store._close_batch(self)
