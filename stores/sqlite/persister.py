@@ -7,11 +7,10 @@ import os
 import sqlite3
 import time
 
-from outboxbind.stores.sqlite.schema import queries_for
-
 from outboxbind import wakeup
 from outboxbind.errors import NotInTransaction
 from outboxbind.messages import OutboxEntry
+from outboxbind.stores.sqlite.schema import queries_for
 
 __all__ = ["SQLitePersister", "persister", "wakeup_channel"]
 

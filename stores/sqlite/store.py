@@ -13,9 +13,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from outboxbind.stores.sqlite.persister import wakeup_channel
-from outboxbind.stores.sqlite.schema import migrate, queries_for
-
 from outboxbind import wakeup
 from outboxbind.errors import ConfigurationError, LeaseLost
 from outboxbind.messages import PersistedMessage
@@ -27,6 +24,8 @@ from outboxbind.store import (
     TopicBacklog,
     round_robin,
 )
+from outboxbind.stores.sqlite.persister import wakeup_channel
+from outboxbind.stores.sqlite.schema import migrate, queries_for
 
 __all__ = ["SQLiteBatch", "SQLiteStore"]
 
@@ -127,9 +126,12 @@ class SQLiteStore:
         """
         if not topic_names or limit <= 0:
             return None
+        topics = sorted(set(topic_names))
+        if not self._anything_due(topics):
+            return None
         with self._write() as conn:
             now = self.clock()
-            taken = self._due_messages(conn, sorted(set(topic_names)), limit, now)
+            taken = self._due_messages(conn, topics, limit, now)
             if not taken:
                 return None
             tokens: dict[SequenceKey, str] = {}
@@ -147,6 +149,16 @@ class SQLiteStore:
                 )
                 tokens[(topic, key)] = token
         return SQLiteBatch(self, round_robin(taken, limit), tokens)
+
+    def _anything_due(self, topics: list[str]) -> bool:
+        """Look for due work without the write lock (a WAL read never waits for writers), so an
+        idle relay neither queues behind nor delays the application's write transactions."""
+        with self._lock:
+            cursor = self._cursor
+            try:
+                return bool(self._due_messages(self._conn, topics, 1, self.clock()))
+            finally:
+                self._cursor = cursor
 
     def _due_messages(
         self, conn: sqlite3.Connection, topics: list[str], limit: int, now: float

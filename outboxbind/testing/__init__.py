@@ -1,0 +1,436 @@
+"""The store conformance kit: the :mod:`outboxbind.store` contract in executable form.
+
+Subclass :class:`StoreContract` in a test module and give it a ``harness`` fixture that opens
+your store over a fresh database; pytest then runs every contract test against it::
+
+    import pytest
+    from outboxbind.testing import StoreContract, StoreHarness
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def harness(self, tmp_path) -> StoreHarness:
+            return MyHarness(tmp_path / "outbox.db")
+
+The expectations are written out by hand in each test, never derived from a reference store,
+so no store can pass by agreeing with another. Every built-in store passes this kit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import pytest
+
+from outboxbind.errors import LeaseLost
+from outboxbind.messages import OutboxEntry, PersistedMessage
+from outboxbind.store import DeadLetterAdmin, MessageBatch, Store
+
+__all__ = ["FakeClock", "StoreContract", "StoreHarness", "entry"]
+
+#: Advancing the clock by this much must outlast any lease and any retry delay the kit uses.
+LONG_AFTER = 3600.0
+
+
+class FakeClock:
+    """Real time plus an offset that tests advance: ``clock.advance(61)`` jumps a minute on."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward."""
+        self.offset += seconds
+
+
+class StoreHarness(Protocol):
+    """What the kit needs from a store under test: a fresh database per test, and a writer."""
+
+    def open_store(self, clock: Callable[[], float]) -> Store:
+        """Open a store (as one relay would) over this test's database, reading ``clock``.
+
+        Called more than once in a test to stand for several relays; all see the same data.
+        Its lease duration must be shorter than an hour.
+        """
+        ...
+
+    def write(self, entries: Sequence[OutboxEntry], *, commit: bool = True) -> list[str]:
+        """Write ``entries`` with the store's persister in one transaction, in order; commit it
+        (or roll it back when ``commit`` is false); return the outbox ids."""
+        ...
+
+
+def entry(
+    topic: str = "orders",
+    data: bytes = b"{}",
+    *,
+    key: str | None = None,
+    attributes: dict[str, str] | None = None,
+    deliver_after: datetime | None = None,
+) -> OutboxEntry:
+    """A shorthand for an :class:`OutboxEntry` in tests."""
+    return OutboxEntry(topic, data, attributes, key, deliver_after)
+
+
+def _checkout(store: Store, limit: int) -> MessageBatch:
+    batch = store.checkout_batch(["orders"], limit)
+    assert batch is not None, "expected a batch of messages, the store returned None"
+    return batch
+
+
+def _ids(batch: MessageBatch | None) -> list[str]:
+    return [] if batch is None else [m.id for m in batch.messages]
+
+
+def _by_id(batch: MessageBatch, id_: str) -> PersistedMessage:
+    return next(m for m in batch.messages if m.id == id_)
+
+
+def _admin(store: Store) -> DeadLetterAdmin:
+    if not isinstance(store, DeadLetterAdmin):
+        pytest.skip(f"{type(store).__name__} does not implement DeadLetterAdmin")
+    return store
+
+
+class StoreContract:
+    """Contract tests for a :class:`~outboxbind.store.Store`; subclass and add ``harness``."""
+
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return FakeClock()
+
+    @pytest.fixture
+    def store(self, harness: StoreHarness, clock: FakeClock) -> Store:
+        return harness.open_store(clock)
+
+    # -- basics -----------------------------------------------------------------------------
+
+    def test_checkout_of_an_empty_outbox_returns_none(self, store: Store) -> None:
+        assert store.checkout_batch(["orders"], 10) is None
+
+    def test_checkout_returns_only_the_given_topics(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry("orders"), entry("emails"), entry("orders")])
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [ids[0], ids[2]]
+            assert {m.topic for m in batch.messages} == {"orders"}
+
+    def test_rolled_back_writes_are_never_checked_out(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        harness.write([entry(data=b"rolled back")], commit=False)
+        kept = harness.write([entry(data=b"kept")])
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == kept
+            assert [m.data for m in batch.messages] == [b"kept"]
+
+    def test_limit_caps_the_batch(self, harness: StoreHarness, store: Store) -> None:
+        ids = harness.write([entry(data=str(i).encode()) for i in range(7)])
+        with _checkout(store, 3) as batch:
+            assert _ids(batch) == ids[:3]
+
+    def test_ids_are_unique_and_never_reused(self, harness: StoreHarness, store: Store) -> None:
+        first = harness.write([entry(), entry()])
+        with _checkout(store, 10) as batch:
+            for message in batch.messages:
+                batch.mark_published(message, "p")
+        second = harness.write([entry()])
+        assert len(set(first)) == 2
+        assert second[0] not in first
+
+    def test_messages_keep_bytes_attributes_and_metadata(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        payload = bytes(range(256)) + b"\x00 NUL inside \x00"
+        attributes = {"tenant": "ä-1", "trace": "00-ab-01"}
+        before = datetime.now(UTC) - timedelta(seconds=1)
+        [id_] = harness.write([entry(data=payload, key="kéy/1", attributes=attributes)])
+        with _checkout(store, 10) as batch:
+            [message] = batch.messages
+        assert message.id == id_
+        assert message.data == payload
+        assert dict(message.attributes) == attributes
+        assert message.ordering_key == "kéy/1"
+        assert message.topic == "orders"
+        assert message.attempts == 0
+        assert before <= message.created_at <= datetime.now(UTC) + timedelta(seconds=1)
+
+    def test_no_ordering_key_comes_back_as_none(self, harness: StoreHarness, store: Store) -> None:
+        harness.write([entry()])
+        with _checkout(store, 10) as batch:
+            assert batch.messages[0].ordering_key is None
+            assert dict(batch.messages[0].attributes) == {}
+
+    # -- order ------------------------------------------------------------------------------
+
+    def test_a_topic_without_keys_comes_in_write_order(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry(data=b"1"), entry(data=b"2")])
+        ids += harness.write([entry(data=b"3")])
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == ids
+
+    def test_each_ordering_key_comes_in_write_order(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        keys = ["a", "b", "a", "c", "b", "a"]
+        ids = harness.write([entry(key=k, data=str(i).encode()) for i, k in enumerate(keys)])
+        with _checkout(store, 10) as batch:
+            assert sorted(_ids(batch)) == sorted(ids)
+            for key in "abc":
+                got = [m.id for m in batch.messages if m.ordering_key == key]
+                assert got == [i for i, k in zip(ids, keys, strict=True) if k == key]
+
+    def test_a_batch_takes_a_prefix_of_each_sequence(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry(key="a", data=str(i).encode()) for i in range(5)])
+        with _checkout(store, 2) as batch:
+            assert _ids(batch) == ids[:2]
+            for message in batch.messages:
+                batch.mark_published(message, "p")
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == ids[2:]
+
+    def test_no_sequence_takes_the_whole_batch_while_others_wait(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        harness.write([entry(key="big", data=str(i).encode()) for i in range(50)])
+        [small] = harness.write([entry(key="small")])
+        seen: list[str] = []
+        for _ in range(2):
+            batch = store.checkout_batch(["orders"], 10)
+            assert batch is not None
+            seen += _ids(batch)
+            batch.close()  # released, not published
+        assert small in seen
+
+    # -- exclusivity and leases -------------------------------------------------------------
+
+    def test_two_checkouts_never_share_a_sequence(
+        self, harness: StoreHarness, clock: FakeClock
+    ) -> None:
+        first_relay, second_relay = harness.open_store(clock), harness.open_store(clock)
+        ids = harness.write([entry(key="a"), entry(key="b"), entry(key="a")])
+        first = first_relay.checkout_batch(["orders"], 10)
+        assert first is not None
+        assert set(_ids(first)) == set(ids)
+        assert second_relay.checkout_batch(["orders"], 10) is None
+        later = harness.write([entry(key="a"), entry(key="c")])
+        second = second_relay.checkout_batch(["orders"], 10)
+        assert _ids(second) == [later[1]]  # "a" is still held by the first batch
+        first.close()
+        assert second is not None
+        second.close()
+
+    def test_a_new_message_of_a_leased_sequence_waits(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        [first_id] = harness.write([entry()])
+        batch = store.checkout_batch(["orders"], 10)
+        assert _ids(batch) == [first_id]
+        [later_id] = harness.write([entry()])
+        assert harness.open_store(clock).checkout_batch(["orders"], 10) is None
+        assert batch is not None
+        batch.mark_published(batch.messages[0], "p")
+        batch.close()
+        with _checkout(store, 10) as next_batch:
+            assert _ids(next_batch) == [later_id]
+
+    def test_close_releases_what_was_not_marked(self, harness: StoreHarness, store: Store) -> None:
+        ids = harness.write([entry(), entry(), entry()])
+        with _checkout(store, 10) as batch:
+            batch.mark_published(batch.messages[0], "p")
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == ids[1:]
+            assert [m.attempts for m in batch.messages] == [0, 0]
+
+    def test_an_expired_lease_can_be_taken_over(
+        self, harness: StoreHarness, clock: FakeClock
+    ) -> None:
+        crashed, survivor = harness.open_store(clock), harness.open_store(clock)
+        ids = harness.write([entry(key="a"), entry(key="a")])
+        stale = crashed.checkout_batch(["orders"], 10)
+        assert _ids(stale) == ids
+        clock.advance(LONG_AFTER)
+        with _checkout(survivor, 10) as batch:
+            assert _ids(batch) == ids
+
+    def test_a_batch_whose_lease_was_taken_over_changes_nothing(
+        self, harness: StoreHarness, clock: FakeClock
+    ) -> None:
+        slow, fast = harness.open_store(clock), harness.open_store(clock)
+        ids = harness.write([entry(), entry()])
+        stale = slow.checkout_batch(["orders"], 10)
+        assert stale is not None
+        clock.advance(LONG_AFTER)
+        current = fast.checkout_batch(["orders"], 10)
+        assert _ids(current) == ids
+        stale.mark_published(stale.messages[0], "late ack")
+        stale.mark_dead(stale.messages[1], "late failure")
+        with pytest.raises(LeaseLost):
+            stale.close()
+        assert current is not None
+        current.close()  # releases without marks: both must still be there, unchanged
+        with _checkout(fast, 10) as batch:
+            assert _ids(batch) == ids
+            assert [m.attempts for m in batch.messages] == [0, 0]
+
+    def test_an_expired_lease_nobody_took_still_acks(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        harness.write([entry()])
+        batch = store.checkout_batch(["orders"], 10)
+        assert batch is not None
+        clock.advance(LONG_AFTER)
+        batch.mark_published(batch.messages[0], "p")
+        batch.close()
+        assert store.checkout_batch(["orders"], 10) is None
+
+    # -- failures, retries and dead letters --------------------------------------------------
+
+    def test_a_failed_message_waits_and_holds_back_its_sequence(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="a"), entry(key="b")])
+        with _checkout(store, 10) as batch:
+            batch.mark_failed(_by_id(batch, ids[0]), "boom", timedelta(seconds=30))
+            batch.mark_published(_by_id(batch, ids[2]), "p")
+        assert store.checkout_batch(["orders"], 10) is None  # "a" waits for its head's retry
+        harness.write([entry(key="b")])
+        with _checkout(store, 10) as batch:
+            assert [m.ordering_key for m in batch.messages] == ["b"]  # other keys flow
+            batch.mark_published(batch.messages[0], "p")
+        clock.advance(31)
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == ids[:2]
+            assert [m.attempts for m in batch.messages] == [1, 0]
+
+    def test_attempts_accumulate(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        harness.write([entry()])
+        for expected in range(3):
+            with _checkout(store, 10) as batch:
+                assert batch.messages[0].attempts == expected
+                batch.mark_failed(batch.messages[0], f"failure {expected}", timedelta(seconds=1))
+            clock.advance(2)
+
+    def test_a_blocked_message_holds_its_sequence_until_replayed(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="a")])
+        with _checkout(store, 10) as batch:
+            batch.mark_failed(_by_id(batch, ids[0]), "poison", None)
+        clock.advance(LONG_AFTER)
+        assert store.checkout_batch(["orders"], 10) is None
+        admin = _admin(store)
+        [dead] = admin.dead_letters()
+        assert (dead.message.id, dead.state, dead.error) == (ids[0], "blocked", "poison")
+        assert admin.replay_dead_letters([ids[0]]) == 1
+        assert admin.dead_letters() == []
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == ids
+            assert batch.messages[0].attempts == 0
+
+    def test_a_parked_message_lets_its_sequence_go_on(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry(key="a", data=b"poison\x00"), entry(key="a")])
+        with _checkout(store, 10) as batch:
+            batch.mark_dead(_by_id(batch, ids[0]), "unpublishable")
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [ids[1]]
+            batch.mark_published(batch.messages[0], "p")
+        admin = _admin(store)
+        [dead] = admin.dead_letters("orders")
+        assert (dead.message.id, dead.state, dead.error) == (ids[0], "parked", "unpublishable")
+        assert dead.message.data == b"poison\x00"
+        assert dead.message.attempts == 1
+        assert admin.dead_letters("emails") == []
+
+    def test_a_replayed_parked_message_comes_back_with_its_id(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        [id_] = harness.write([entry(data=b"again")])
+        with _checkout(store, 10) as batch:
+            batch.mark_dead(batch.messages[0], "down")
+        assert store.checkout_batch(["orders"], 10) is None
+        assert _admin(store).replay_dead_letters([id_]) == 1
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [id_]
+            assert batch.messages[0].data == b"again"
+            assert batch.messages[0].attempts == 0
+
+    def test_purged_dead_letters_are_gone(self, harness: StoreHarness, store: Store) -> None:
+        ids = harness.write([entry(key="a"), entry(key="b")])
+        with _checkout(store, 10) as batch:
+            batch.mark_dead(_by_id(batch, ids[0]), "parked")
+            batch.mark_failed(_by_id(batch, ids[1]), "blocked", None)
+        admin = _admin(store)
+        assert {d.state for d in admin.dead_letters()} == {"parked", "blocked"}
+        assert admin.purge_dead_letters(ids) == 2
+        assert admin.dead_letters() == []
+        assert store.checkout_batch(["orders"], 10) is None
+
+    def test_backlog_counts_pending_and_dead(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="b"), entry("emails")])
+        with _checkout(store, 10) as batch:
+            batch.mark_dead(_by_id(batch, ids[0]), "parked")
+        clock.advance(5)
+        backlog = {b.topic: b for b in _admin(store).backlog()}
+        assert set(backlog) == {"orders", "emails"}
+        assert (backlog["orders"].pending, backlog["orders"].dead) == (1, 1)
+        assert (backlog["emails"].pending, backlog["emails"].dead) == (1, 0)
+        assert backlog["orders"].oldest_pending_age >= 5
+
+    # -- delayed delivery -------------------------------------------------------------------
+
+    def test_a_delayed_message_waits_until_due(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        due = datetime.now(UTC) + timedelta(seconds=60)
+        [delayed] = harness.write([entry(key="a", deliver_after=due)])
+        [now_id] = harness.write([entry(key="a")])
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [now_id]  # not held back by the delayed one
+            batch.mark_published(batch.messages[0], "p")
+        assert store.checkout_batch(["orders"], 10) is None
+        clock.advance(61)
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [delayed]
+
+    def test_a_past_deliver_after_is_due_at_once(self, harness: StoreHarness, store: Store) -> None:
+        [id_] = harness.write([entry(deliver_after=datetime.now(UTC) - timedelta(hours=1))])
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [id_]
+
+    # -- the batch object -------------------------------------------------------------------
+
+    def test_marks_after_close_are_refused(self, harness: StoreHarness, store: Store) -> None:
+        harness.write([entry()])
+        batch = store.checkout_batch(["orders"], 10)
+        assert batch is not None
+        message = batch.messages[0]
+        batch.close()
+        batch.close()  # closing twice is harmless
+        with pytest.raises(RuntimeError):
+            batch.mark_published(message, "p")
+
+    def test_a_message_of_another_batch_is_refused(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        harness.write([entry(key="a")])
+        with _checkout(store, 10) as batch:
+            stranger = PersistedMessage("999999", "orders", b"", None, "zz", datetime.now(UTC), 0)
+            with pytest.raises(ValueError, match="not part of this batch"):
+                batch.mark_published(stranger, "p")
