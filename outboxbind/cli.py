@@ -1,0 +1,172 @@
+"""The ``outboxbind`` command: run a relay, migrate, inspect the backlog and dead letters.
+
+Stores are named by URL: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``
+(with ``?table=name`` for another outbox table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+
+from outboxbind.errors import ConfigurationError, OutboxError
+from outboxbind.relay import Relay
+from outboxbind.store import DeadLetterAdmin
+
+__all__ = ["main", "open_store"]
+
+
+def open_store(url: str, *, migrate: bool = True) -> Any:
+    """Open the store a URL names (``sqlite:///path.db?table=outbox``)."""
+    parts = urlsplit(url)
+    options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    if parts.scheme == "sqlite":
+        from outboxbind.stores.sqlite import SQLiteStore
+
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ConfigurationError(f"{url!r}: name the database file, as sqlite:///app.db")
+        return SQLiteStore(path, table=options.get("table", "outbox"), migrate=migrate)
+    raise ConfigurationError(f"{url!r}: unknown store scheme {parts.scheme!r} (known: sqlite)")
+
+
+def _load_relay(target: str) -> Relay:
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"{target!r}: give the relay factory as 'package.module:function'")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    relay = factory() if callable(factory) and not isinstance(factory, Relay) else factory
+    if not isinstance(relay, Relay):
+        raise ConfigurationError(f"{target!r} gave {type(relay).__name__}, not an outboxbind Relay")
+    return relay
+
+
+def _admin(url: str) -> DeadLetterAdmin:
+    store = open_store(url)
+    if not isinstance(store, DeadLetterAdmin):
+        raise ConfigurationError(f"{url!r}: this store does not support dead-letter operations")
+    return store
+
+
+def _relay(args: argparse.Namespace) -> int:
+    relay = _load_relay(args.factory)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        print(f"signal {signum}: draining (up to {args.drain_timeout}s)", file=sys.stderr)
+        threading.Thread(
+            target=relay.stop, kwargs={"drain": True, "timeout": args.drain_timeout}, daemon=True
+        ).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"relaying topics {', '.join(sorted(relay.topics))}", file=sys.stderr)
+    relay.poll_for_messages(args.batch_size)
+    print(f"stopped: {json.dumps(relay.totals)}", file=sys.stderr)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    store = open_store(args.store, migrate=False)
+    applied = store.migrate()
+    print(f"applied migrations: {applied}" if applied else "the schema is up to date")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    rows = _admin(args.store).backlog()
+    if args.json:
+        print(json.dumps([attrs.asdict(row) for row in rows]))
+        return 0
+    if not rows:
+        print("the outbox is empty")
+        return 0
+    print(f"{'topic':30} {'pending':>9} {'oldest (s)':>11} {'dead':>6}")
+    for row in rows:
+        print(f"{row.topic:30} {row.pending:>9} {row.oldest_pending_age:>11.1f} {row.dead:>6}")
+    return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    admin = _admin(args.store)
+    if args.action == "list":
+        for dead in admin.dead_letters(args.topic, args.limit):
+            message = dead.message
+            print(
+                f"{message.id}\t{dead.state}\t{message.topic}\t{message.ordering_key or '-'}\t"
+                f"attempts={message.attempts}\t{dead.since.isoformat()}\t{dead.error}"
+            )
+        return 0
+    if not args.ids:
+        raise ConfigurationError(f"dead-letters {args.action}: give the ids of the messages")
+    if args.action == "replay":
+        print(f"replayed {admin.replay_dead_letters(args.ids)} message(s)")
+    else:
+        print(f"purged {admin.purge_dead_letters(args.ids)} message(s)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from outboxbind.demo import main as demo
+
+    return demo(args.rest)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outboxbind", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    relay = commands.add_parser("relay", help="run a relay until SIGTERM/SIGINT, then drain")
+    relay.add_argument("factory", help="'module:function' returning a configured Relay")
+    relay.add_argument("--batch-size", type=int, default=100)
+    relay.add_argument("--drain-timeout", type=float, default=30.0)
+    relay.set_defaults(run=_relay)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
+    migrate.add_argument("store", help="store URL, e.g. sqlite:///app.db")
+    migrate.set_defaults(run=_migrate)
+
+    status = commands.add_parser("status", help="backlog and oldest pending age per topic")
+    status.add_argument("store", help="store URL")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(run=_status)
+
+    dead = commands.add_parser("dead-letters", help="list, replay or purge dead letters")
+    dead.add_argument("action", choices=["list", "replay", "purge"])
+    dead.add_argument("store", help="store URL")
+    dead.add_argument("ids", nargs="*", help="message ids (replay, purge)")
+    dead.add_argument("--topic", help="only this topic (list)")
+    dead.add_argument("--limit", type=int, default=100)
+    dead.set_defaults(run=_dead_letters)
+
+    demo = commands.add_parser("demo", help="run the SQLite demo")
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (OutboxError, ImportError, AttributeError) as exc:
+        print(f"outboxbind {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
