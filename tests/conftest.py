@@ -24,7 +24,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db_path: Path, clock: FakeClock) -> Iterator[SQLiteStore]:
-    store = SQLiteStore(db_path, clock=clock, lease_duration=30)
+    store = SQLiteStore(db_path, clock=clock, lease_duration=60)
     yield store
     store.close()
 

@@ -391,6 +391,41 @@ def test_a_slow_topic_times_out_and_others_still_flow(
     assert store.dead_letters() == []
 
 
+class HungTopic(InMemoryTopic[OrderPlaced]):
+    """A destination that never answers and ignores the timeout it is given."""
+
+    def __init__(self, name: str, release: threading.Event) -> None:
+        super().__init__(name, order_topic().codec)
+        self.release = release
+
+    def publish_batch(
+        self, messages: Sequence[PersistedMessage], *, timeout: float
+    ) -> list[str | BaseException]:
+        self.release.wait(30)
+        return [TimeoutError("gave up")] * len(messages)
+
+
+def test_hung_topics_share_one_publish_deadline(
+    conn: sqlite3.Connection, store: SQLiteStore
+) -> None:
+    release = threading.Event()
+    topics = [HungTopic(name, release) for name in ("t1", "t2", "t3", "t4")]
+    with conn:
+        for topic in topics:
+            bind(topic, persister(conn)).publish(OrderPlaced(1, "ann"))
+    relay = Relay(store, publish_timeout=0.3)
+    for topic in topics:
+        relay.register_topic(topic)
+    try:
+        started = time.monotonic()
+        result = relay.process_messages()
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert result.errors == 4
+    assert elapsed < 0.3 + 0.03 + 0.5  # one deadline, not four in a row
+
+
 def test_many_keys_share_a_batch_fairly(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     topic = order_topic()
     place(conn, topic, *orders(*[(i, "whale") for i in range(1, 201)]))
@@ -415,6 +450,10 @@ def test_registering_a_topic_name_twice_is_a_clear_error(store: SQLiteStore) -> 
 def test_bad_relay_settings_are_refused(store: SQLiteStore) -> None:
     with pytest.raises(ConfigurationError, match="publish_timeout"):
         Relay(store, publish_timeout=0)
+    with pytest.raises(
+        ConfigurationError, match=r"must be at most half the store's lease_duration"
+    ):
+        Relay(store, publish_timeout=store.lease_duration)
     relay = Relay(store)
     with pytest.raises(ConfigurationError, match="register at least one topic"):
         relay.process_messages()
@@ -538,7 +577,7 @@ def test_a_lease_lost_mid_batch_is_reported_and_nothing_is_acked(
             assert other.checkout_batch(["orders"], 10) is not None  # ... and is taken over
             return super().publish_batch(messages, timeout=timeout)
 
-    relay = Relay(slow_store)
+    relay = Relay(slow_store, publish_timeout=0.5)
     relay.register_topic(TakeOverDuringPublish("orders", topic.codec))
     result = relay.process_messages()
     assert isinstance(result.store_error, LeaseLost)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -33,6 +34,11 @@ from outboxbind.topics import PublishOutcome, Topic
 __all__ = ["AsyncRelay", "PoisonPolicy", "ProcessResult", "Relay", "RetryPolicy"]
 
 R = TypeVar("R")
+
+
+def _grace(timeout: float) -> float:
+    """How long past ``timeout`` the relay waits for a topic that was asked to honour it."""
+    return min(1.0, 0.1 * timeout)
 
 
 def _checked_outcomes(
@@ -64,6 +70,14 @@ class _RelayBase:
             raise ConfigurationError(f"poll_interval must be >= 0, not {poll_interval!r}")
         if not 0 <= poll_jitter < 1:
             raise ConfigurationError(f"poll_jitter must be in [0, 1), not {poll_jitter!r}")
+        inner = getattr(store, "store", store)  # see through the threaded() adapter
+        lease_duration = getattr(inner, "lease_duration", None)
+        if isinstance(lease_duration, int | float) and publish_timeout > lease_duration / 2:
+            raise ConfigurationError(
+                f"publish_timeout ({publish_timeout}s) must be at most half the store's "
+                f"lease_duration ({lease_duration}s): a publish that outlived its lease would "
+                "let another relay publish the same sequences concurrently"
+            )
         self._engine = RelayEngine(
             store,
             publish_timeout=publish_timeout,
@@ -125,8 +139,8 @@ class Relay(_RelayBase):
 
     Args:
         store: where the outbox lives (for example ``SQLiteStore``).
-        publish_timeout: seconds a topic may take to confirm a batch; keep it well under the
-            store's lease duration.
+        publish_timeout: seconds a topic may take to confirm a batch; at most half the store's
+            lease duration, so that a batch never outlives its lease.
         poll_interval: seconds between polls when idle (wake-ups cut it short).
         poll_jitter: fraction by which each idle sleep is randomly spread.
         max_store_backoff: the longest pause after repeated store errors, in seconds.
@@ -243,17 +257,17 @@ class Relay(_RelayBase):
                 return [exc] * len(messages)
             return _checked_outcomes(messages, outcomes, topic)
 
-        if len(effect.groups) == 1:
-            return [one(*effect.groups[0])]
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 self._publish_concurrency, thread_name_prefix="outboxbind-publish"
             )
+        # one deadline for the whole round: waits on successive topics must not add up
+        deadline = time.monotonic() + effect.timeout + _grace(effect.timeout)
         futures = [self._executor.submit(one, topic, msgs) for topic, msgs in effect.groups]
         results: list[list[PublishOutcome]] = []
         for future, (topic, msgs) in zip(futures, effect.groups, strict=True):
             try:
-                results.append(future.result(timeout=effect.timeout + 1.0))
+                results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except FutureTimeout:
                 message = f"{topic!r} did not answer within {effect.timeout}s"
                 results.append([TimeoutError(message)] * len(msgs))
@@ -382,7 +396,7 @@ class AsyncRelay(_RelayBase):
     ) -> list[PublishOutcome]:
         try:
             outcomes = await asyncio.wait_for(
-                topic.publish_batch_async(messages, timeout=timeout), timeout + 1.0
+                topic.publish_batch_async(messages, timeout=timeout), timeout + _grace(timeout)
             )
         except TimeoutError:
             return [TimeoutError(f"{topic!r} did not answer within {timeout}s")] * len(messages)
