@@ -31,6 +31,8 @@ class OutboxEntry:
         ordering_key: the key whose order the message keeps, or ``None`` when it keeps the
             order of its whole topic.
         deliver_after: do not publish before this instant (timezone-aware), or ``None``.
+        strict_sequence: the topic asks that its per-key publish order equal the writers' commit
+            order even when concurrent writers interleave (see ``Topic(strict_sequence=...)``).
     """
 
     topic: str
@@ -38,6 +40,7 @@ class OutboxEntry:
     attributes: Mapping[str, str] = attrs.field(default=_EMPTY, converter=_frozen_mapping)
     ordering_key: str | None = None
     deliver_after: datetime | None = None
+    strict_sequence: bool = False
 
 
 @attrs.frozen

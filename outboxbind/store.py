@@ -44,6 +44,7 @@ __all__ = [
     "MessageBatch",
     "Store",
     "TopicBacklog",
+    "AsyncBufferedBatch",
     "BufferedBatch",
     "MarkedOutcome",
     "WakeupSource",
@@ -270,15 +271,7 @@ MarkedOutcome = tuple[Literal["published", "failed", "dead"], PersistedMessage, 
 """What a batch was told about one message: kind, message, error, retry_after."""
 
 
-class BufferedBatch:
-    """A :class:`MessageBatch` that buffers its marks and applies them on :meth:`close`.
-
-    A store subclasses it and implements :meth:`_apply`, which receives, per leased sequence,
-    the lease token and the marks in the order they were made. Buffering keeps marks free of
-    I/O and lets the store apply one batch in one transaction, with one fencing check per
-    sequence.
-    """
-
+class _MarkBuffer:
     def __init__(self, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]) -> None:
         self._messages = messages
         self.tokens = tokens
@@ -304,6 +297,23 @@ class BufferedBatch:
             raise ValueError(f"message {message.id} is not part of this batch")
         self.outcomes.setdefault(sequence, []).append((kind, message, error, retry_after))
 
+    def _closing(self) -> bool:
+        """Mark the batch closed; return False if it already was."""
+        if self.closed:
+            return False
+        self.closed = True
+        return True
+
+
+class BufferedBatch(_MarkBuffer):
+    """A :class:`MessageBatch` that buffers its marks and applies them on :meth:`close`.
+
+    A store subclasses it and implements :meth:`_apply`, which reads ``self.tokens`` (the lease
+    token of each sequence) and ``self.outcomes`` (each sequence's marks in the order they were
+    made). Buffering keeps marks free of I/O and lets the store apply one batch in one
+    transaction, with one fencing check per sequence.
+    """
+
     def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
         """Acknowledge ``message``; it is removed (or kept as published) on close."""
         self._mark("published", message)
@@ -320,10 +330,8 @@ class BufferedBatch:
 
     def close(self) -> None:
         """Apply the marks and end the leases (once; later calls do nothing)."""
-        if self.closed:
-            return
-        self.closed = True
-        self._apply()
+        if self._closing():
+            self._apply()
 
     def _apply(self) -> None:
         raise NotImplementedError
@@ -338,6 +346,43 @@ class BufferedBatch:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class AsyncBufferedBatch(_MarkBuffer):
+    """The asyncio twin of :class:`BufferedBatch`: implement ``async def _apply``."""
+
+    async def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
+        """See :meth:`BufferedBatch.mark_published`."""
+        self._mark("published", message)
+
+    async def mark_failed(
+        self, message: PersistedMessage, error: str, retry_after: timedelta | None
+    ) -> None:
+        """See :meth:`BufferedBatch.mark_failed`."""
+        self._mark("failed", message, error, retry_after)
+
+    async def mark_dead(self, message: PersistedMessage, error: str) -> None:
+        """See :meth:`BufferedBatch.mark_dead`."""
+        self._mark("dead", message, error)
+
+    async def close(self) -> None:
+        """Apply the marks and end the leases (once; later calls do nothing)."""
+        if self._closing():
+            await self._apply()
+
+    async def _apply(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> AsyncBufferedBatch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 M = TypeVar("M")

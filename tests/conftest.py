@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
 from outboxbind.stores.sqlite import SQLiteStore
 from outboxbind.testing import FakeClock
@@ -37,3 +41,27 @@ def conn(db_path: Path, store: SQLiteStore) -> Iterator[sqlite3.Connection]:
     conn.commit()
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """A running PostgreSQL (started if it is installed but down)."""
+    from services import ensure_postgres
+
+    return ensure_postgres()
+
+
+@pytest.fixture(scope="session")
+def pg_pool(pg_dsn: str) -> Iterator[ConnectionPool[Any]]:
+    pool = ConnectionPool(pg_dsn, min_size=1, max_size=8, open=True)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def pg_schema(pg_dsn: str) -> Iterator[str]:
+    """A fresh schema for one test's outbox, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

@@ -49,6 +49,10 @@ class Topic(ABC, Generic[T]):
         max_message_bytes: the largest encoded message ``publish()`` accepts.
         max_ordering_key_bytes: the longest ordering key (UTF-8 bytes) ``publish()`` accepts.
         max_attributes: the most attributes one message may carry.
+        strict_sequence: make each key's publish order equal the order in which the writers'
+            transactions commit, even when they interleave (SPEC guarantee 5). Stores whose
+            commits are serialized (SQLite, Redis) always give this; the PostgreSQL store takes
+            a per-key lock at commit for it, which serializes the commits of one key.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class Topic(ABC, Generic[T]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_ordering_key_bytes: int = DEFAULT_MAX_ORDERING_KEY_BYTES,
         max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+        strict_sequence: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name or "\x00" in name:
             raise ValueError(f"a topic name must be a non-empty string without NUL, not {name!r}")
@@ -71,6 +76,7 @@ class Topic(ABC, Generic[T]):
         self.max_message_bytes = max_message_bytes
         self.max_ordering_key_bytes = max_ordering_key_bytes
         self.max_attributes = max_attributes
+        self.strict_sequence = strict_sequence
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -118,6 +124,7 @@ class Topic(ABC, Generic[T]):
             attributes=attrs_,
             ordering_key=key,
             deliver_after=self._deliver_after(deliver_after),
+            strict_sequence=self.strict_sequence,
         )
 
     def _ordering_key_of(self, message: T) -> str | None:

@@ -48,6 +48,7 @@ class InMemoryTopic(Topic[T]):
         fail: optional failure injection: called for each message the relay hands over; when it
             returns an exception, that message fails with it.
         delay: seconds to sleep per batch, to stand in for a slow destination.
+        strict_sequence: see :class:`~outboxbind.topics.Topic`.
         **limits: ``max_message_bytes``, ``max_ordering_key_bytes``, ``max_attributes``.
     """
 
@@ -59,9 +60,12 @@ class InMemoryTopic(Topic[T]):
         ordering_key: Callable[[T], str | None] | None = None,
         fail: Callable[[PersistedMessage], BaseException | None] | None = None,
         delay: float = 0.0,
+        strict_sequence: bool = False,
         **limits: int,
     ) -> None:
-        super().__init__(name, codec, ordering_key=ordering_key, **limits)
+        super().__init__(
+            name, codec, ordering_key=ordering_key, strict_sequence=strict_sequence, **limits
+        )
         self.fail = fail
         self.delay = delay
         self.published: list[Published] = []

@@ -1,0 +1,230 @@
+-- The PostgreSQL store's statements. {placeholders} are quoted (schema-qualified) names;
+-- %(names)s are parameters. %(now)s is NULL in production (the database clock decides) and a
+-- fixed instant in tests; every statement reads the time as coalesce(%(now)s::timestamptz, now()).
+
+-- name: insert_message
+-- Write one message in the caller's transaction and wake listening relays at its commit
+-- (PostgreSQL delivers one notification per transaction, channel and payload, never on rollback).
+WITH inserted AS (
+    INSERT INTO {outbox}
+        (id, position, topic, ordering_key, data, attributes, available_at, strict)
+    SELECT n, CASE WHEN %(strict)s THEN NULL ELSE n END, %(topic)s, %(ordering_key)s, %(data)s,
+           %(attributes)s, greatest(clock_timestamp(), %(deliver_after)s), %(strict)s
+    FROM nextval({message_ids_literal}) AS n
+    RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, %(topic)s) FROM inserted
+
+-- name: checkout
+-- Lease up to %(limit)s sequences that have a due message, visiting each topic's ordering keys
+-- from where this relay stopped last, and return their due messages, shared round-robin.
+-- One statement: the leases commit before anything is published.
+WITH RECURSIVE sequences (topic, ordering_key) AS (
+    SELECT first.topic, first.ordering_key
+    FROM unnest(%(topics)s::text[], %(after)s::text[]) AS wanted (topic, after)
+    CROSS JOIN LATERAL (
+        SELECT wanted.topic, coalesce(
+            (SELECT o.ordering_key FROM {outbox} o
+             WHERE o.topic = wanted.topic AND o.ordering_key > wanted.after
+             ORDER BY o.ordering_key LIMIT 1),
+            (SELECT o.ordering_key FROM {outbox} o
+             WHERE o.topic = wanted.topic
+             ORDER BY o.ordering_key LIMIT 1)
+        ) AS ordering_key
+    ) AS first
+    WHERE first.ordering_key IS NOT NULL
+    UNION ALL
+    SELECT next.topic, next.ordering_key
+    FROM sequences s
+    CROSS JOIN LATERAL (
+        SELECT o.topic, o.ordering_key FROM {outbox} o
+        WHERE o.topic = s.topic AND o.ordering_key > s.ordering_key
+        ORDER BY o.ordering_key
+        LIMIT 1
+    ) AS next
+),
+eligible AS (
+    SELECT s.topic, s.ordering_key FROM sequences s
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {leases} l
+        WHERE l.topic = s.topic AND l.ordering_key = s.ordering_key
+          AND l.expires_at > coalesce(%(now)s::timestamptz, now())
+    )
+    AND EXISTS (
+        SELECT 1 FROM {outbox} o
+        WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
+          AND o.position IS NOT NULL
+          AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+          AND o.position < coalesce((
+              SELECT min(w.position) FROM {outbox} w
+              WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
+                AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+          ), 9223372036854775807)
+    )
+    LIMIT %(limit)s
+),
+claimed AS (
+    INSERT INTO {leases} AS l (topic, ordering_key, token, owner, expires_at)
+    SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(owner)s,
+           coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+    FROM eligible e
+    ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
+    ON CONFLICT (topic, ordering_key) DO UPDATE
+    SET token = excluded.token, owner = excluded.owner, expires_at = excluded.expires_at
+    WHERE l.expires_at <= coalesce(%(now)s::timestamptz, now())
+    RETURNING l.topic, l.ordering_key, l.token
+),
+picked AS (
+    SELECT m.id, m.topic, m.ordering_key, m.position,
+           row_number() OVER (PARTITION BY m.topic, m.ordering_key ORDER BY m.position) AS depth
+    FROM claimed c
+    CROSS JOIN LATERAL (
+        SELECT o.id, o.topic, o.ordering_key, o.position FROM {outbox} o
+        WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
+          AND o.position IS NOT NULL
+          AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+          AND o.position < coalesce((
+              SELECT min(w.position) FROM {outbox} w
+              WHERE w.topic = c.topic AND w.ordering_key = c.ordering_key AND w.attempts > 0
+                AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+          ), 9223372036854775807)
+        ORDER BY o.position
+        LIMIT %(limit)s
+    ) AS m
+),
+chosen AS (
+    SELECT id FROM picked ORDER BY depth, topic, ordering_key LIMIT %(limit)s
+)
+SELECT c.topic, c.ordering_key, c.token,
+       o.id, o.data, o.attributes, o.created_at, o.attempts
+FROM claimed c
+LEFT JOIN ({outbox} o JOIN chosen USING (id))
+       ON o.topic = c.topic AND o.ordering_key = c.ordering_key
+ORDER BY c.topic, c.ordering_key, o.position
+
+-- name: close_batch
+-- Apply a batch's outcomes for the sequences whose lease still carries its token, and end those
+-- leases, in one statement. Returns the sequences it held; any other lease was taken over.
+WITH held AS (
+    DELETE FROM {leases} l
+    USING unnest(%(lease_topics)s::text[], %(lease_keys)s::text[], %(lease_tokens)s::bigint[])
+          AS h (topic, ordering_key, token)
+    WHERE l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
+    RETURNING l.topic, l.ordering_key
+),
+acked AS (
+    DELETE FROM {outbox} o
+    USING held
+    WHERE o.id = ANY(%(published)s::bigint[])
+      AND o.topic = held.topic AND o.ordering_key = held.ordering_key
+    RETURNING o.id
+),
+failed AS (
+    UPDATE {outbox} o
+    SET attempts = o.attempts + 1, last_error = f.error,
+        failed_at = coalesce(%(now)s::timestamptz, now()),
+        available_at = coalesce(%(now)s::timestamptz, now()) + f.retry_seconds * interval '1 second'
+    FROM unnest(%(failed)s::bigint[], %(failed_errors)s::text[], %(retry_seconds)s::float8[])
+         AS f (id, error, retry_seconds),
+         held
+    WHERE o.id = f.id AND o.topic = held.topic AND o.ordering_key = held.ordering_key
+    RETURNING o.id
+),
+parked AS (
+    DELETE FROM {outbox} o
+    USING unnest(%(dead)s::bigint[], %(dead_errors)s::text[]) AS d (id, error), held
+    WHERE o.id = d.id AND o.topic = held.topic AND o.ordering_key = held.ordering_key
+    RETURNING o.id, o.topic, o.ordering_key, o.position, o.data, o.attributes, o.created_at,
+              o.attempts, d.error
+),
+moved AS (
+    INSERT INTO {dead_letters}
+        (id, topic, ordering_key, position, data, attributes, created_at, attempts, last_error,
+         failed_at)
+    SELECT id, topic, ordering_key, position, data, attributes, created_at, attempts + 1, error,
+           coalesce(%(now)s::timestamptz, now())
+    FROM parked
+    RETURNING id
+)
+SELECT topic, ordering_key FROM held
+
+-- name: list_dead_letters
+-- Parked and blocked messages, oldest first, of one topic (or all when %(topic)s is NULL).
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at, state
+FROM (
+    SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at,
+           'parked' AS state
+    FROM {dead_letters} WHERE %(topic)s::text IS NULL OR topic = %(topic)s
+    UNION ALL
+    SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at,
+           'blocked' AS state
+    FROM {outbox}
+    WHERE available_at IS NULL AND (%(topic)s::text IS NULL OR topic = %(topic)s)
+) AS dead
+ORDER BY id LIMIT %(limit)s
+
+-- name: replay_dead_letters
+-- Replay: parked messages go back with their ids and places, blocked ones are due again; both
+-- with zero attempts. Returns how many.
+WITH unparked AS (
+    DELETE FROM {dead_letters} WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING id, topic, ordering_key, position, data, attributes, created_at
+),
+restored AS (
+    INSERT INTO {outbox}
+        (id, topic, ordering_key, position, data, attributes, created_at, available_at)
+    SELECT id, topic, ordering_key, position, data, attributes, created_at,
+           coalesce(%(now)s::timestamptz, now())
+    FROM unparked
+    RETURNING id
+),
+unblocked AS (
+    UPDATE {outbox}
+    SET attempts = 0, available_at = coalesce(%(now)s::timestamptz, now()), last_error = NULL, failed_at = NULL
+    WHERE available_at IS NULL AND id = ANY(%(ids)s::bigint[])
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM restored) + (SELECT count(*) FROM unblocked)
+
+-- name: purge_dead_letters
+-- Delete parked and blocked messages for good. Returns how many.
+WITH parked AS (
+    DELETE FROM {dead_letters} WHERE id = ANY(%(ids)s::bigint[]) RETURNING id
+),
+blocked AS (
+    DELETE FROM {outbox} WHERE available_at IS NULL AND id = ANY(%(ids)s::bigint[]) RETURNING id
+)
+SELECT (SELECT count(*) FROM parked) + (SELECT count(*) FROM blocked)
+
+-- name: backlog
+-- Per topic: pending messages, the oldest one's age in seconds, blocked and parked counts.
+SELECT topic, sum(pending)::bigint, coalesce(max(oldest_age), 0)::float8, sum(dead)::bigint
+FROM (
+    SELECT topic, count(*) AS pending,
+           extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(created_at)) AS oldest_age,
+           count(*) FILTER (WHERE available_at IS NULL) AS dead
+    FROM {outbox} GROUP BY topic
+    UNION ALL
+    SELECT topic, 0, NULL, count(*) FROM {dead_letters} GROUP BY topic
+) AS counts
+GROUP BY topic ORDER BY topic
+
+-- name: create_migrations_table
+-- The table that records applied schema versions.
+CREATE TABLE IF NOT EXISTS {migrations} (
+    version     integer     PRIMARY KEY,
+    name        text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: lock_migrations
+-- Serialize concurrent migrations of this outbox (released at commit).
+SELECT pg_advisory_xact_lock(hashtextextended({migrations_literal}, 0))
+
+-- name: applied_migrations
+-- The schema versions already applied.
+SELECT version FROM {migrations}
+
+-- name: record_migration
+-- Note a schema version as applied.
+INSERT INTO {migrations} (version, name) VALUES (%(version)s, %(name)s)

@@ -1,0 +1,455 @@
+"""The PostgreSQL store: the relay's side of an outbox table, over a psycopg_pool pool.
+
+One logic serves both faces: :class:`_Statements` builds every statement's parameters and reads
+every result; :class:`PostgresStore` and :class:`AsyncPostgresStore` only run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from outboxbind.errors import ConfigurationError, LeaseLost
+from outboxbind.messages import PersistedMessage
+from outboxbind.sql import quote_identifier
+from outboxbind.store import (
+    AsyncBufferedBatch,
+    BufferedBatch,
+    DeadLetter,
+    SequenceKey,
+    TopicBacklog,
+    round_robin,
+)
+from outboxbind.stores.postgres.persister import notify_channel
+from outboxbind.stores.postgres.schema import migrate, queries_for
+
+__all__ = ["AsyncPostgresBatch", "AsyncPostgresStore", "PostgresBatch", "PostgresStore"]
+
+log = logging.getLogger("outboxbind.stores.postgres")
+
+
+class _Statements:
+    """The store's logic without I/O: parameters in, results out, shared by both faces."""
+
+    def __init__(
+        self,
+        *,
+        schema: str,
+        table: str,
+        lease_duration: float,
+        clock: Callable[[], float] | None,
+        owner: str | None,
+    ) -> None:
+        if lease_duration <= 0:
+            raise ConfigurationError(f"lease_duration must be positive, not {lease_duration!r}")
+        self.schema = schema
+        self.table = table
+        self.sql = queries_for(schema, table)
+        self.lease_duration = lease_duration
+        self.clock = clock
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.channel = notify_channel(schema, table)
+        self._cursors: dict[str, str] = {}  # per topic: the last ordering key leased
+
+    def now(self) -> datetime | None:
+        return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
+
+    def checkout_params(self, topics: Sequence[str], limit: int) -> dict[str, Any]:
+        wanted = sorted(set(topics))
+        return {
+            "topics": wanted,
+            "after": [self._cursors.get(topic, "") for topic in wanted],
+            "limit": limit,
+            "owner": self.owner,
+            "lease_seconds": self.lease_duration,
+            "now": self.now(),
+        }
+
+    def batch_contents(
+        self, rows: Sequence[tuple[Any, ...]], limit: int
+    ) -> tuple[list[PersistedMessage], dict[SequenceKey, str]]:
+        tokens: dict[SequenceKey, str] = {}
+        by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
+        for topic, key, token, id_, data, attributes, created_at, attempts in rows:
+            sequence = (topic, key)
+            tokens[sequence] = str(token)
+            self._cursors[topic] = key
+            if id_ is None:
+                continue  # leased, but its messages went to others this time; released on close
+            by_sequence.setdefault(sequence, []).append(
+                PersistedMessage(
+                    id=str(id_),
+                    topic=topic,
+                    data=data,
+                    attributes=attributes,
+                    ordering_key=key or None,
+                    created_at=created_at,
+                    attempts=attempts,
+                )
+            )
+        return round_robin(by_sequence, limit), tokens
+
+    def close_params(self, batch: BufferedBatch | AsyncBufferedBatch) -> dict[str, Any]:
+        published: list[int] = []
+        failed: list[int] = []
+        failed_errors: list[str | None] = []
+        retry_seconds: list[float | None] = []
+        dead: list[int] = []
+        dead_errors: list[str | None] = []
+        for outcomes in batch.outcomes.values():
+            for kind, message, error, retry_after in outcomes:
+                if kind == "published":
+                    published.append(int(message.id))
+                elif kind == "failed":
+                    failed.append(int(message.id))
+                    failed_errors.append(error)
+                    retry_seconds.append(
+                        None if retry_after is None else retry_after.total_seconds()
+                    )
+                else:
+                    dead.append(int(message.id))
+                    dead_errors.append(error)
+        sequences = list(batch.tokens)
+        return {
+            "lease_topics": [topic for topic, _ in sequences],
+            "lease_keys": [key for _, key in sequences],
+            "lease_tokens": [int(batch.tokens[s]) for s in sequences],
+            "published": published,
+            "failed": failed,
+            "failed_errors": failed_errors,
+            "retry_seconds": retry_seconds,
+            "dead": dead,
+            "dead_errors": dead_errors,
+            "now": self.now(),
+        }
+
+    def check_held(
+        self, batch: BufferedBatch | AsyncBufferedBatch, held: Sequence[tuple[Any, ...]]
+    ) -> None:
+        lost = set(batch.tokens) - {(topic, key) for topic, key in held}
+        if lost:
+            names = ", ".join(f"{t}/{k or '*'}" for t, k in sorted(lost))
+            raise LeaseLost(
+                f"outbox {self.schema}.{self.table}: the lease of {names} was taken over by "
+                "another relay; this batch's marks for them were dropped"
+            )
+
+    def dead_letter(self, row: tuple[Any, ...]) -> DeadLetter:
+        id_, topic, key, data, attributes, created_at, attempts, error, failed_at, state = row
+        message = PersistedMessage(
+            str(id_), topic, data, attributes, key or None, created_at, attempts
+        )
+        return DeadLetter(message, error or "", state, failed_at or created_at)
+
+    def backlog_row(self, row: tuple[Any, ...]) -> TopicBacklog:
+        topic, pending, oldest_age, dead = row
+        return TopicBacklog(topic, int(pending), max(0.0, float(oldest_age)), int(dead))
+
+
+class _Listener:
+    """A dedicated LISTEN connection (outside the pool) that wakes relays on commit.
+
+    Runs in a daemon thread and reconnects by itself, with backoff, after the server restarts;
+    after a reconnect it wakes the relays once, since notifications sent meanwhile are lost.
+    """
+
+    def __init__(self, conninfo: str, kwargs: dict[str, Any], channel: str) -> None:
+        self.conninfo = conninfo
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("autocommit", "row_factory")}
+        self.channel = channel
+        self.callbacks: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.connected = threading.Event()
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        with self.lock:
+            self.callbacks.append(callback)
+            if self.thread is None:
+                self.stopping.clear()
+                self.thread = threading.Thread(
+                    target=self._run, name=f"outboxbind-listen-{self.channel}", daemon=True
+                )
+                self.thread.start()
+
+        def unsubscribe() -> None:
+            with self.lock:
+                if callback in self.callbacks:
+                    self.callbacks.remove(callback)
+                if self.callbacks or self.thread is None:
+                    return
+                self.stopping.set()
+                thread, self.thread = self.thread, None
+            thread.join(5)
+
+        return unsubscribe
+
+    def _wake(self) -> None:
+        with self.lock:
+            callbacks = list(self.callbacks)
+        for callback in callbacks:
+            callback()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self.stopping.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, **self.kwargs) as conn:
+                    conn.execute(f"LISTEN {quote_identifier(self.channel)}")
+                    self.connected.set()
+                    backoff = 0.1
+                    self._wake()  # anything committed while we were not listening
+                    while not self.stopping.is_set():
+                        for _ in conn.notifies(timeout=0.25):
+                            self._wake()
+            except psycopg.Error as exc:
+                self.connected.clear()
+                if self.stopping.is_set():
+                    break
+                log.warning(
+                    "outbox LISTEN connection lost, reconnecting in %.1fs: %s", backoff, exc
+                )
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self.connected.clear()
+
+
+def _conninfo_of(
+    pool: ConnectionPool[Any] | AsyncConnectionPool[Any],
+) -> tuple[str, dict[str, Any]]:
+    """The pool's connection string and arguments, for connections kept outside it."""
+    conninfo, kwargs = pool.conninfo, pool.kwargs
+    if not isinstance(conninfo, str) or not isinstance(kwargs, dict | None):
+        raise ConfigurationError(
+            "this pool computes its connection settings at connect time; pass the store a "
+            "connection string for its LISTEN connection as listen_conninfo="
+        )
+    return conninfo, dict(kwargs or {})
+
+
+class PostgresBatch(BufferedBatch):
+    """Messages leased from a :class:`PostgresStore`; marks are applied on close."""
+
+    def __init__(
+        self, store: PostgresStore, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._store = store
+
+    def _apply(self) -> None:
+        self._store._close_batch(self)
+
+
+class PostgresStore:
+    """An outbox in PostgreSQL, for relays: leases per sequence, fencing tokens, NOTIFY wake-up.
+
+    Args:
+        pool: a ``psycopg_pool.ConnectionPool`` to the database.
+        schema: the schema of the outbox tables (created by :meth:`migrate` if missing).
+        table: the outbox table name; its companions are ``<table>_dead_letters``,
+            ``<table>_leases`` and friends.
+        lease_duration: seconds a batch holds its sequences; at least twice the relay's
+            publish timeout.
+        clock: a time source in unix seconds for tests; by default the database's ``now()``.
+        owner: the name recorded on leases (default: host, pid and a random suffix).
+        listen_conninfo: the connection string of the LISTEN connection, when the pool's
+            settings are computed at connect time (by default the pool's own are used).
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[Any],
+        *,
+        schema: str = "public",
+        table: str = "outbox",
+        lease_duration: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        owner: str | None = None,
+        listen_conninfo: str | None = None,
+    ) -> None:
+        if not isinstance(pool, ConnectionPool):
+            raise TypeError(
+                f"PostgresStore needs a psycopg_pool.ConnectionPool, not {type(pool).__name__}"
+                + ("; use AsyncPostgresStore" if isinstance(pool, AsyncConnectionPool) else "")
+            )
+        self.pool = pool
+        self._s = _Statements(
+            schema=schema, table=table, lease_duration=lease_duration, clock=clock, owner=owner
+        )
+        conninfo, kwargs = (listen_conninfo, {}) if listen_conninfo else _conninfo_of(pool)
+        self._listener = _Listener(conninfo, kwargs, self._s.channel)
+
+    @property
+    def lease_duration(self) -> float:
+        """Seconds a batch holds its sequences."""
+        return self._s.lease_duration
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self._s.schema!r}, table={self._s.table!r})"
+
+    def migrate(self) -> list[int]:
+        """Create or upgrade the outbox schema; return the versions applied."""
+        with self.pool.connection() as conn:
+            return migrate(conn, schema=self._s.schema, table=self._s.table)
+
+    def _run(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        with self.pool.connection() as conn:
+            rows: list[tuple[Any, ...]] = conn.execute(self._s.sql[name], params).fetchall()
+            return rows
+
+    def checkout_batch(self, topic_names: Sequence[str], limit: int) -> PostgresBatch | None:
+        """Lease up to ``limit`` due messages of ``topic_names`` (one statement, committed)."""
+        if not topic_names or limit <= 0:
+            return None
+        rows = self._run("checkout", self._s.checkout_params(topic_names, limit))
+        if not rows:
+            return None
+        messages, tokens = self._s.batch_contents(rows, limit)
+        return PostgresBatch(self, messages, tokens)
+
+    def _close_batch(self, batch: PostgresBatch) -> None:
+        held = self._run("close_batch", self._s.close_params(batch))
+        self._s.check_held(batch, held)
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Wake ``callback`` when a transaction that wrote to this outbox commits."""
+        return self._listener.subscribe(callback)
+
+    def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Parked and blocked messages, oldest first."""
+        rows = self._run("list_dead_letters", {"topic": topic, "limit": limit})
+        return [self._s.dead_letter(row) for row in rows]
+
+    def replay_dead_letters(self, ids: Sequence[str]) -> int:
+        """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        rows = self._run(
+            "replay_dead_letters", {"ids": [int(i) for i in ids], "now": self._s.now()}
+        )
+        return int(rows[0][0])
+
+    def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete parked or blocked messages for good."""
+        return int(self._run("purge_dead_letters", {"ids": [int(i) for i in ids]})[0][0])
+
+    def backlog(self) -> list[TopicBacklog]:
+        """Pending, oldest pending age and dead letters, per topic."""
+        return [self._s.backlog_row(row) for row in self._run("backlog", {"now": self._s.now()})]
+
+
+class AsyncPostgresBatch(AsyncBufferedBatch):
+    """Messages leased from an :class:`AsyncPostgresStore`; marks are applied on close."""
+
+    def __init__(
+        self,
+        store: AsyncPostgresStore,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._store = store
+
+    async def _apply(self) -> None:
+        await self._store._close_batch(self)
+
+
+class AsyncPostgresStore:
+    """The asyncio twin of :class:`PostgresStore`, over a ``psycopg_pool.AsyncConnectionPool``.
+
+    Same arguments and behaviour; every method is a coroutine but :meth:`subscribe_wakeups`.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        schema: str = "public",
+        table: str = "outbox",
+        lease_duration: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        owner: str | None = None,
+        listen_conninfo: str | None = None,
+    ) -> None:
+        if not isinstance(pool, AsyncConnectionPool):
+            raise TypeError(
+                f"AsyncPostgresStore needs a psycopg_pool.AsyncConnectionPool, "
+                f"not {type(pool).__name__}"
+            )
+        self.pool = pool
+        self._s = _Statements(
+            schema=schema, table=table, lease_duration=lease_duration, clock=clock, owner=owner
+        )
+        conninfo, kwargs = (listen_conninfo, {}) if listen_conninfo else _conninfo_of(pool)
+        self._listener = _Listener(conninfo, kwargs, self._s.channel)
+
+    @property
+    def lease_duration(self) -> float:
+        """Seconds a batch holds its sequences."""
+        return self._s.lease_duration
+
+    def __repr__(self) -> str:
+        return f"AsyncPostgresStore(schema={self._s.schema!r}, table={self._s.table!r})"
+
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the outbox schema; return the versions applied."""
+        conninfo, kwargs = self._listener.conninfo, self._listener.kwargs
+
+        def run() -> list[int]:
+            with psycopg.connect(conninfo, **kwargs) as conn:
+                return migrate(conn, schema=self._s.schema, table=self._s.table)
+
+        return await asyncio.to_thread(run)
+
+    async def _run(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(self._s.sql[name], params)
+            rows: list[tuple[Any, ...]] = await cursor.fetchall()
+            return rows
+
+    async def checkout_batch(
+        self, topic_names: Sequence[str], limit: int
+    ) -> AsyncPostgresBatch | None:
+        """See :meth:`PostgresStore.checkout_batch`."""
+        if not topic_names or limit <= 0:
+            return None
+        rows = await self._run("checkout", self._s.checkout_params(topic_names, limit))
+        if not rows:
+            return None
+        messages, tokens = self._s.batch_contents(rows, limit)
+        return AsyncPostgresBatch(self, messages, tokens)
+
+    async def _close_batch(self, batch: AsyncPostgresBatch) -> None:
+        held = await self._run("close_batch", self._s.close_params(batch))
+        self._s.check_held(batch, held)
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Wake ``callback`` (from a listener thread) when a writing transaction commits."""
+        return self._listener.subscribe(callback)
+
+    async def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Parked and blocked messages, oldest first."""
+        rows = await self._run("list_dead_letters", {"topic": topic, "limit": limit})
+        return [self._s.dead_letter(row) for row in rows]
+
+    async def replay_dead_letters(self, ids: Sequence[str]) -> int:
+        """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        params = {"ids": [int(i) for i in ids], "now": self._s.now()}
+        return int((await self._run("replay_dead_letters", params))[0][0])
+
+    async def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete parked or blocked messages for good."""
+        return int((await self._run("purge_dead_letters", {"ids": [int(i) for i in ids]}))[0][0])
+
+    async def backlog(self) -> list[TopicBacklog]:
+        """Pending, oldest pending age and dead letters, per topic."""
+        rows = await self._run("backlog", {"now": self._s.now()})
+        return [self._s.backlog_row(row) for row in rows]
