@@ -67,6 +67,6 @@ class PersistedMessage:
     attempts: int = 0
 
     @property
-    def sequence(self) -> tuple[str, str | None]:
-        """The sequence the message keeps its order in: ``(topic, ordering_key)``."""
-        return (self.topic, self.ordering_key)
+    def sequence(self) -> tuple[str, str]:
+        """The sequence the message keeps its order in: ``(topic, ordering_key or "")``."""
+        return (self.topic, self.ordering_key or "")

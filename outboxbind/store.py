@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar, runtime_checkable
@@ -35,6 +36,8 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 import attrs
 
 from outboxbind.messages import PersistedMessage
+
+T = TypeVar("T")
 
 __all__ = [
     "AsyncMessageBatch",
@@ -211,8 +214,9 @@ class DeadLetterAdmin(Protocol):
 
 
 class _ThreadedBatch:
-    def __init__(self, batch: MessageBatch) -> None:
+    def __init__(self, batch: MessageBatch, store: _ThreadedStore) -> None:
         self._batch = batch
+        self._store = store
 
     @property
     def messages(self) -> Sequence[PersistedMessage]:
@@ -230,18 +234,23 @@ class _ThreadedBatch:
         self._batch.mark_dead(message, error)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._batch.close)
+        await self._store.run(self._batch.close)
 
 
 class _ThreadedStore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # its own threads: a busy default executor must not stall the relay, nor it the app
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="outboxbind-store")
+
+    async def run(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def checkout_batch(
         self, topic_names: Sequence[str], limit: int
     ) -> AsyncMessageBatch | None:
-        batch = await asyncio.to_thread(self.store.checkout_batch, topic_names, limit)
-        return None if batch is None else _ThreadedBatch(batch)
+        batch = await self.run(lambda: self.store.checkout_batch(topic_names, limit))
+        return None if batch is None else _ThreadedBatch(batch, self)
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
         if isinstance(self.store, WakeupSource):
@@ -253,10 +262,10 @@ class _ThreadedStore:
 
 
 def threaded(store: Store) -> AsyncStore:
-    """Give a synchronous store an asyncio face by running its I/O in worker threads.
+    """Give a synchronous store an asyncio face by running its I/O in worker threads of its own.
 
-    The store's batches must buffer their marks until ``close()`` (every built-in store does),
-    because only ``checkout_batch`` and ``close`` run in a thread.
+    The store's batches must buffer their marks until ``close()`` (every built-in store does,
+    see :class:`BufferedBatch`), because only ``checkout_batch`` and ``close`` run in a thread.
     """
     return _ThreadedStore(store)
 
@@ -292,7 +301,7 @@ class _MarkBuffer:
     ) -> None:
         if self.closed:
             raise RuntimeError("this batch is closed")
-        sequence = (message.topic, message.ordering_key or "")
+        sequence = message.sequence
         if sequence not in self.tokens:
             raise ValueError(f"message {message.id} is not part of this batch")
         self.outcomes.setdefault(sequence, []).append((kind, message, error, retry_after))

@@ -8,6 +8,9 @@ their behaviour is the same by construction.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import logging
 import random
 import threading
 import time
@@ -16,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-from outboxbind.errors import ConfigurationError, TopicAlreadyRegistered
+from outboxbind.errors import ConfigurationError, NotAttempted, TopicAlreadyRegistered
 from outboxbind.messages import PersistedMessage
 from outboxbind.relay.engine import (
     Call,
@@ -35,6 +38,8 @@ __all__ = ["AsyncRelay", "PoisonPolicy", "ProcessResult", "Relay", "RetryPolicy"
 
 R = TypeVar("R")
 
+log = logging.getLogger("outboxbind.relay")
+
 
 def _grace(timeout: float) -> float:
     """How long past ``timeout`` the relay waits for a topic that was asked to honour it."""
@@ -44,13 +49,48 @@ def _grace(timeout: float) -> float:
 def _checked_outcomes(
     messages: list[PersistedMessage], outcomes: object, topic: Topic[Any]
 ) -> list[PublishOutcome]:
+    """Hold a topic to its contract: one outcome per message, a publish id or an exception."""
     if not isinstance(outcomes, list) or len(outcomes) != len(messages):
         count = len(outcomes) if isinstance(outcomes, list) else type(outcomes).__name__
-        error = RuntimeError(
-            f"{topic!r}.publish_batch returned {count} outcomes for {len(messages)} messages"
+        return _group_failure(
+            messages,
+            RuntimeError(
+                f"{topic!r}.publish_batch returned {count} outcomes for {len(messages)} messages"
+            ),
         )
-        return [error] * len(messages)
+    checked: list[PublishOutcome] = []
+    for message, outcome in zip(messages, outcomes, strict=True):
+        if isinstance(outcome, str | BaseException):
+            checked.append(outcome)
+        elif outcome is None:
+            checked.append(
+                RuntimeError(
+                    f"{topic!r}.publish_batch returned None for message {message.id}: return "
+                    "its publish id, or the exception, or NotAttempted"
+                )
+            )
+        else:
+            checked.append(str(outcome))  # an id of another type (an offset, say) is still an id
+    return checked
+
+
+def _group_failure(messages: list[PersistedMessage], error: BaseException) -> list[PublishOutcome]:
+    """A whole group failed (the topic raised, or timed out): the first message of each sequence
+    carries the error and its attempt; the others are released without one."""
+    seen: set[tuple[str, str]] = set()
+    outcomes: list[PublishOutcome] = []
+    for message in messages:
+        if message.sequence in seen:
+            outcomes.append(NotAttempted(f"an earlier message of its key failed: {error}"))
+        else:
+            seen.add(message.sequence)
+            outcomes.append(error)
     return outcomes
+
+
+def _busy(topic: Topic[Any], messages: list[PersistedMessage]) -> list[PublishOutcome]:
+    error = NotAttempted(f"{topic!r} has not yet returned from an earlier, timed-out batch")
+    return [error] * len(messages)
 
 
 class _RelayBase:
@@ -87,6 +127,10 @@ class _RelayBase:
             rng=random.Random(seed),
         )
         self._control = StopControl()
+        self._busy_topics: set[str] = set()  # timed out, and their call has not returned yet
+
+    def _not_busy(self, name: str, _call: object) -> None:
+        self._busy_topics.discard(name)
 
     def register_topic(
         self,
@@ -127,11 +171,11 @@ class _RelayBase:
         """Counts since start: published, failed, dead, store_errors."""
         return dict(self._engine.totals)
 
-    def _check_can_poll(self, batch_size: int) -> None:
+    def _check_ready(self, size: int, what: str) -> None:
         if not self._engine.topics:
-            raise ConfigurationError("register at least one topic before polling")
-        if batch_size <= 0:
-            raise ConfigurationError(f"batch_size must be positive, not {batch_size!r}")
+            raise ConfigurationError("register at least one topic before relaying messages")
+        if not isinstance(size, int) or size <= 0:
+            raise ConfigurationError(f"{what} must be a positive int, not {size!r}")
 
 
 class Relay(_RelayBase):
@@ -175,10 +219,14 @@ class Relay(_RelayBase):
         self._stopped = threading.Event()
         self._stopped.set()
 
+    @property
+    def is_polling(self) -> bool:
+        """Whether :meth:`poll_for_messages` is running."""
+        return not self._stopped.is_set()
+
     def process_messages(self, limit: int = 100) -> ProcessResult:
         """Run one round now: publish up to ``limit`` due messages and return what happened."""
-        if not self._engine.topics:
-            raise ConfigurationError("register at least one topic before processing messages")
+        self._check_ready(limit, "limit")
         return self._drive(self._engine.process(limit))
 
     def poll_for_messages(self, batch_size: int = 100) -> None:
@@ -186,7 +234,7 @@ class Relay(_RelayBase):
 
         Blocks; run it in a thread. Only one poll loop may run per relay at a time.
         """
-        self._check_can_poll(batch_size)
+        self._check_ready(batch_size, "batch_size")
         if not self._running.acquire(blocking=False):
             raise RuntimeError("this relay is already polling")
         self._stopped.clear()
@@ -212,6 +260,9 @@ class Relay(_RelayBase):
     def stop(self, *, drain: bool = True, timeout: float | None = 30.0) -> bool:
         """Ask the poll loop to stop, and wait for it; return whether it stopped in time.
 
+        A request made while no loop runs is kept: the next :meth:`poll_for_messages` drains
+        (or not) and returns at once. Then ``stop`` returns ``True`` without waiting.
+
         Args:
             drain: first publish everything that is due (bounded by ``timeout``); with
                 ``False`` only the round in progress is finished.
@@ -226,16 +277,28 @@ class Relay(_RelayBase):
     def _drive(self, steps: Generator[Effect, Any, R]) -> R:
         value: Any = None
         error: BaseException | None = None
-        while True:
+        try:
+            while True:
+                try:
+                    effect = steps.send(value) if error is None else steps.throw(error)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                value, error = None, None
+                try:
+                    value = self._perform(effect)
+                except Exception as exc:
+                    error = exc
+        except BaseException:
+            self._release_open_batch()
+            raise
+
+    def _release_open_batch(self) -> None:
+        batch, self._engine.open_batch = self._engine.open_batch, None
+        if batch is not None:
             try:
-                effect = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value, error = None, None
-            try:
-                value = self._perform(effect)
+                batch.close()  # type: ignore[attr-defined]
             except Exception as exc:
-                error = exc
+                log.warning("releasing the outbox batch of an interrupted round failed: %s", exc)
 
     def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Call):
@@ -245,33 +308,54 @@ class Relay(_RelayBase):
         return self._sleep(effect.seconds)
 
     def _sleep(self, seconds: float) -> bool:
-        woken = self._wakeup.wait(seconds)
+        if not self._wakeup.wait(seconds):
+            return False
         self._wakeup.clear()
-        return woken and not self._control.requested
+        return not self._control.requested
 
     def _publish(self, effect: Publish) -> list[list[PublishOutcome]]:
-        def one(topic: Topic[Any], messages: list[PersistedMessage]) -> list[PublishOutcome]:
-            try:
-                outcomes = topic.publish_batch(messages, timeout=effect.timeout)
-            except Exception as exc:
-                return [exc] * len(messages)
-            return _checked_outcomes(messages, outcomes, topic)
-
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 self._publish_concurrency, thread_name_prefix="outboxbind-publish"
             )
         # one deadline for the whole round: waits on successive topics must not add up
         deadline = time.monotonic() + effect.timeout + _grace(effect.timeout)
-        futures = [self._executor.submit(one, topic, msgs) for topic, msgs in effect.groups]
+        futures = {
+            index: self._executor.submit(_publish_group, topic, msgs, effect.timeout)
+            for index, (topic, msgs) in enumerate(effect.groups)
+            if topic.name not in self._busy_topics
+        }
         results: list[list[PublishOutcome]] = []
-        for future, (topic, msgs) in zip(futures, effect.groups, strict=True):
+        for index, (topic, msgs) in enumerate(effect.groups):
+            future = futures.get(index)
+            if future is None:
+                results.append(_busy(topic, msgs))
+                continue
             try:
                 results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except FutureTimeout:
-                message = f"{topic!r} did not answer within {effect.timeout}s"
-                results.append([TimeoutError(message)] * len(msgs))
+                if future.cancel():  # never started: the pool was full
+                    results.append([NotAttempted("not started before the deadline")] * len(msgs))
+                    continue
+                results.append(
+                    _group_failure(
+                        msgs, TimeoutError(f"{topic!r} did not answer within {effect.timeout}s")
+                    )
+                )
+                # until that call returns, the topic gets no new batch (and holds one thread)
+                self._busy_topics.add(topic.name)
+                future.add_done_callback(functools.partial(self._not_busy, topic.name))
         return results
+
+
+def _publish_group(
+    topic: Topic[Any], messages: list[PersistedMessage], timeout: float
+) -> list[PublishOutcome]:
+    try:
+        outcomes = topic.publish_batch(messages, timeout=timeout)
+    except Exception as exc:
+        return _group_failure(messages, exc)
+    return _checked_outcomes(messages, outcomes, topic)
 
 
 class AsyncRelay(_RelayBase):
@@ -289,10 +373,14 @@ class AsyncRelay(_RelayBase):
         poll_interval: float = 1.0,
         poll_jitter: float = 0.2,
         max_store_backoff: float = 30.0,
+        publish_concurrency: int = 8,
         seed: int | None = None,
     ) -> None:
-        import inspect
-
+        # sync topics and a sync store run on the relay's own threads, never the loop's default
+        # executor: a hung destination must not starve the application's to_thread() calls
+        self._executor = ThreadPoolExecutor(
+            max(1, publish_concurrency), thread_name_prefix="outboxbind-async-publish"
+        )
         if not inspect.iscoroutinefunction(store.checkout_batch):
             store = threaded(store)  # type: ignore[arg-type]
         super().__init__(
@@ -308,16 +396,20 @@ class AsyncRelay(_RelayBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
 
+    @property
+    def is_polling(self) -> bool:
+        """Whether :meth:`poll_for_messages` is running."""
+        return self._stopped is not None and not self._stopped.is_set()
+
     async def process_messages(self, limit: int = 100) -> ProcessResult:
         """Run one round now: publish up to ``limit`` due messages and return what happened."""
-        if not self._engine.topics:
-            raise ConfigurationError("register at least one topic before processing messages")
+        self._check_ready(limit, "limit")
         return await self._drive(self._engine.process(limit))
 
     async def poll_for_messages(self, batch_size: int = 100) -> None:
         """Publish messages as they are committed until :meth:`stop`; run it as a task."""
-        self._check_can_poll(batch_size)
-        if self._stopped is not None and not self._stopped.is_set():
+        self._check_ready(batch_size, "batch_size")
+        if self.is_polling:
             raise RuntimeError("this relay is already polling")
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -347,12 +439,19 @@ class AsyncRelay(_RelayBase):
         loop.call_soon_threadsafe(event.set)
 
     async def stop(self, *, drain: bool = True, timeout: float | None = 30.0) -> bool:
-        """Ask the poll loop to stop, and wait for it; return whether it stopped in time."""
+        """Ask the poll loop to stop, and wait for it; return whether it stopped in time.
+
+        A request made while no loop runs is kept for the next :meth:`poll_for_messages`; a
+        poll task created just before is given the chance to start first.
+        """
         self._control.request(drain=drain, timeout=timeout)
+        if not self.is_polling:
+            await asyncio.sleep(0)  # let a just-created poll task start
         if self._wakeup is not None:
             self._wakeup.set()
-        if self._stopped is None:
+        if not self.is_polling:
             return True
+        assert self._stopped is not None
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout)
         except TimeoutError:
@@ -362,16 +461,25 @@ class AsyncRelay(_RelayBase):
     async def _drive(self, steps: Generator[Effect, Any, R]) -> R:
         value: Any = None
         error: BaseException | None = None
-        while True:
-            try:
-                effect = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value, error = None, None
-            try:
-                value = await self._perform(effect)
-            except Exception as exc:
-                error = exc
+        try:
+            while True:
+                try:
+                    effect = steps.send(value) if error is None else steps.throw(error)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                value, error = None, None
+                try:
+                    value = await self._perform(effect)
+                except Exception as exc:
+                    error = exc
+        except BaseException:  # cancelled mid-round: give the batch back rather than hold it
+            batch, self._engine.open_batch = self._engine.open_batch, None
+            if batch is not None:
+                try:
+                    await asyncio.shield(batch.close())  # type: ignore[attr-defined]
+                except Exception as exc:
+                    log.warning("releasing the batch of a cancelled round failed: %s", exc)
+            raise
 
     async def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Call):
@@ -394,12 +502,28 @@ class AsyncRelay(_RelayBase):
     async def _publish_group(
         self, topic: Topic[Any], messages: list[PersistedMessage], timeout: float
     ) -> list[PublishOutcome]:
-        try:
-            outcomes = await asyncio.wait_for(
-                topic.publish_batch_async(messages, timeout=timeout), timeout + _grace(timeout)
+        if topic.name in self._busy_topics:
+            return _busy(topic, messages)
+        native = type(topic).publish_batch_async is not Topic.publish_batch_async
+        if native:
+            call: asyncio.Future[Any] = asyncio.ensure_future(
+                topic.publish_batch_async(messages, timeout=timeout)
             )
+        else:
+            call = asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(_publish_group, topic, messages, timeout)
+            )
+        try:
+            outcomes = await asyncio.wait_for(asyncio.shield(call), timeout + _grace(timeout))
         except TimeoutError:
-            return [TimeoutError(f"{topic!r} did not answer within {timeout}s")] * len(messages)
+            if native:
+                call.cancel()
+            else:  # the thread runs on: no new batch for this topic until it returns
+                self._busy_topics.add(topic.name)
+                call.add_done_callback(functools.partial(self._not_busy, topic.name))
+            return _group_failure(
+                messages, TimeoutError(f"{topic!r} did not answer within {timeout}s")
+            )
         except Exception as exc:
-            return [exc] * len(messages)
+            return _group_failure(messages, exc)
         return _checked_outcomes(messages, outcomes, topic)

@@ -138,13 +138,14 @@ class RelayEngine:
         self.max_store_backoff = max_store_backoff
         self.rng = rng
         self.totals = {"published": 0, "failed": 0, "dead": 0, "store_errors": 0}
+        #: The batch of the round in progress, so a driver that is cancelled mid-round (task
+        #: cancellation, KeyboardInterrupt) can release it instead of leaving it leased.
+        self.open_batch: object | None = None
 
     # -- one round ------------------------------------------------------------------------------
 
     def process(self, limit: int) -> Generator[Effect, Any, ProcessResult]:
         """One round: check out up to ``limit`` messages, publish them, record the outcomes."""
-        if limit <= 0:
-            limit = 100
         try:
             batch = yield Call(self.store, "checkout_batch", (list(self.topics), limit))
         except Exception as exc:
@@ -153,6 +154,7 @@ class RelayEngine:
             return ProcessResult(store_error=exc)
         if batch is None:
             return ProcessResult()
+        self.open_batch = batch
 
         messages: Sequence[PersistedMessage] = batch.messages
         successes = errors = dead = 0
@@ -185,6 +187,7 @@ class RelayEngine:
         except Exception as exc:
             store_error = store_error or exc
             log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+        self.open_batch = None
         if store_error is not None:
             self.totals["store_errors"] += 1
         self.totals["published"] += successes
@@ -219,7 +222,7 @@ class RelayEngine:
             )  # fmt: skip
             yield Call(batch, "mark_failed", (message, text, timedelta(seconds=delay)))
             return 0
-        why = "is unpublishable" if unpublishable else f"failed {attempts} times"
+        why = "is unpublishable" if unpublishable else f"failed {attempts} attempt(s)"
         if registration.poison == "park":
             log.error(
                 "outbox message %s to %s %s, parked: %s", message.id, message.topic, why, text
@@ -249,12 +252,13 @@ class RelayEngine:
                 yield Sleep(self._store_backoff(store_failures))
                 continue
             store_failures = 0
+            progressed = result.successes + result.errors > 0  # not only released messages
             if control.requested:
-                if result.checked_out == 0:
-                    return  # drained: nothing is due
+                if not progressed:
+                    return  # drained: nothing is due, or nothing can be published now
                 continue
-            if result.checked_out >= batch_size:
-                continue
+            if progressed and result.checked_out >= batch_size:
+                continue  # a full batch: more is probably waiting
             if result.checked_out == 0 and hints_left > 0:
                 delay = self.HINT_DELAYS[len(self.HINT_DELAYS) - hints_left]
                 hints_left -= 1

@@ -248,7 +248,7 @@ def publish_in_key_order(
     A helper for simple topics: when ``send`` raises for a message, the later messages of its
     ordering key are reported as :class:`~outboxbind.errors.NotAttempted` while other keys go on.
     """
-    failed: dict[tuple[str, str | None], BaseException] = {}
+    failed: dict[tuple[str, str], BaseException] = {}
     outcomes: list[PublishOutcome] = []
     for message in messages:
         earlier_failure = failed.get(message.sequence)
