@@ -118,12 +118,6 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from outboxbind.demo import main as demo
-
-    return demo(args.rest)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outboxbind", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,19 +145,22 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=100)
     dead.set_defaults(run=_dead_letters)
 
-    demo = commands.add_parser("demo", help="run the SQLite demo")
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
-    demo.set_defaults(run=_demo)
+    commands.add_parser("demo", help="run the SQLite demo (see: outboxbind demo --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (--db, --help)
+        from outboxbind.demo import main as demo
+
+        return demo(argv[1:])
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (OutboxError, ImportError, AttributeError) as exc:
+    except (OutboxError, ImportError, AttributeError, ValueError) as exc:
         print(f"outboxbind {args.command}: {exc}", file=sys.stderr)
         return 2
 

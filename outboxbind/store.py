@@ -51,6 +51,7 @@ __all__ = [
     "BufferedBatch",
     "MarkedOutcome",
     "WakeupSource",
+    "integer_ids",
     "round_robin",
     "threaded",
 ]
@@ -283,6 +284,7 @@ MarkedOutcome = tuple[Literal["published", "failed", "dead"], PersistedMessage, 
 class _MarkBuffer:
     def __init__(self, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]) -> None:
         self._messages = messages
+        self._ids = {message.id for message in messages}
         self.tokens = tokens
         self.outcomes: dict[SequenceKey, list[MarkedOutcome]] = {}
         self.closed = False
@@ -302,7 +304,7 @@ class _MarkBuffer:
         if self.closed:
             raise RuntimeError("this batch is closed")
         sequence = message.sequence
-        if sequence not in self.tokens:
+        if message.id not in self._ids or sequence not in self.tokens:
             raise ValueError(f"message {message.id} is not part of this batch")
         self.outcomes.setdefault(sequence, []).append((kind, message, error, retry_after))
 
@@ -392,6 +394,17 @@ class AsyncBufferedBatch(_MarkBuffer):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def integer_ids(ids: Sequence[str]) -> list[int]:
+    """``ids`` as integers, for stores whose outbox ids are numbers; a clear error otherwise."""
+    numbers = []
+    for id_ in ids:
+        try:
+            numbers.append(int(id_))
+        except (TypeError, ValueError):
+            raise ValueError(f"outbox ids are whole numbers here; {id_!r} is not one") from None
+    return numbers
 
 
 M = TypeVar("M")

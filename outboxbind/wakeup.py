@@ -8,11 +8,13 @@ polling stays the fallback.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 __all__ = ["signal", "subscribe"]
 
+log = logging.getLogger("outboxbind.wakeup")
 _lock = threading.Lock()
 _subscribers: dict[str, list[Callable[[], None]]] = {}
 
@@ -39,4 +41,7 @@ def signal(channel: str) -> None:
     if not callbacks:
         return
     for callback in list(callbacks):
-        callback()
+        try:
+            callback()
+        except Exception:  # a wake-up is a hint: never let it fail the writer's publish()
+            log.exception("an outbox wake-up callback of %r failed", channel)

@@ -136,3 +136,17 @@ def test_relay_command_runs_until_sigterm_and_drains(tmp_path: Path) -> None:
     assert "relaying topics orders" in err
     assert '"published": 75' in err
     assert pending(db) == 0
+
+
+def test_demo_runs_from_the_command_line_with_its_own_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--db", str(tmp_path / "demo.db")]) == 0
+    assert "NOT published" in capsys.readouterr().out
+
+
+def test_a_malformed_id_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["dead-letters", "replay", f"sqlite:///{tmp_path / 'app.db'}", "abc"]) == 2
+    assert "outbox ids are whole numbers here; 'abc' is not one" in capsys.readouterr().err

@@ -604,3 +604,45 @@ def test_the_in_memory_store_runs_the_same_relay() -> None:
     relay.register_topic(topic)
     assert relay.process_messages().successes == 1
     assert [m.order_id for m in topic.messages()] == [1]
+
+
+def test_poll_wakes_up_when_a_long_transaction_commits(
+    conn: sqlite3.Connection, store: SQLiteStore
+) -> None:
+    topic = order_topic()
+    relay = Relay(store, poll_interval=60.0)
+    relay.register_topic(topic)
+    thread = run_in_thread(lambda: relay.poll_for_messages(100))
+    try:
+        time.sleep(0.1)
+        conn.execute("INSERT INTO orders (id, customer) VALUES (1, 'ann')")
+        bind(topic, persister(conn)).publish(OrderPlaced(1, "ann"))  # signals, not yet committed
+        time.sleep(0.5)  # the transaction goes on well past the relay's short re-checks
+        assert topic.published == []
+        conn.commit()
+        committed = time.monotonic()
+        wait_for(lambda: len(topic.published) == 1, timeout=5.0)
+        assert time.monotonic() - committed < 1.0  # woken by the commit, not the 60 s poll
+    finally:
+        assert relay.stop(timeout=5)
+        thread.join(5)
+
+
+def test_an_unreadable_row_is_parked_and_blocks_nothing(
+    conn: sqlite3.Connection, store: SQLiteStore
+) -> None:
+    topic = order_topic()
+    with conn:  # a row written by hand, with its payload as TEXT instead of a BLOB
+        conn.execute(
+            "INSERT INTO outbox (topic, data, created_at, available_at) VALUES (?, ?, ?, ?)",
+            ("orders", "not bytes", time.time(), time.time()),
+        )
+    place(conn, topic, OrderPlaced(1, "ann"), OrderPlaced(2, "bob"))
+    relay = Relay(store)
+    relay.register_topic(topic)
+    drain(relay)
+    assert sorted(m.order_id for m in topic.messages()) == [1, 2]
+    [dead] = store.dead_letters()
+    assert dead.state == "parked"
+    assert f"unreadable outbox row {dead.message.id} in 'outbox'" in dead.error
+    assert "data is str, not a BLOB" in dead.error

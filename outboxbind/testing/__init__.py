@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+import attrs
 import pytest
 
 from outboxbind.errors import LeaseLost
@@ -135,7 +136,9 @@ class StoreContract:
         with _checkout(store, 3) as batch:
             assert _ids(batch) == ids[:3]
 
-    def test_ids_are_unique_and_never_reused(self, harness: StoreHarness, store: Store) -> None:
+    def test_committed_ids_are_unique_and_never_reused(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
         first = harness.write([entry(), entry()])
         with _checkout(store, 10) as batch:
             for message in batch.messages:
@@ -202,15 +205,22 @@ class StoreContract:
     def test_no_sequence_takes_the_whole_batch_while_others_wait(
         self, harness: StoreHarness, store: Store
     ) -> None:
+        for key in "abcd":
+            harness.write([entry(key=key, data=f"{key}{i}".encode()) for i in range(50)])
+        with _checkout(store, 40) as batch:
+            per_key = {k: [m for m in batch.messages if m.ordering_key == k] for k in "abcd"}
+            assert {k: len(v) for k, v in per_key.items()} == dict.fromkeys("abcd", 10)
+            for key, messages in per_key.items():  # each key's share is its first ten, in order
+                assert [m.data for m in messages] == [f"{key}{i}".encode() for i in range(10)]
+
+    def test_a_small_sequence_is_served_beside_a_huge_one(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
         harness.write([entry(key="big", data=str(i).encode()) for i in range(50)])
         [small] = harness.write([entry(key="small")])
-        seen: list[str] = []
-        for _ in range(2):
-            batch = store.checkout_batch(["orders"], 10)
-            assert batch is not None
-            seen += _ids(batch)
-            batch.close()  # released, not published
-        assert small in seen
+        with _checkout(store, 10) as batch:
+            assert small in _ids(batch)
+            assert len(batch.messages) > 1
 
     # -- exclusivity and leases -------------------------------------------------------------
 
@@ -393,6 +403,14 @@ class StoreContract:
         assert (backlog["emails"].pending, backlog["emails"].dead) == (1, 0)
         assert backlog["orders"].oldest_pending_age >= 5
 
+    def test_backlog_age_ignores_messages_that_are_not_due_yet(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        harness.write([entry(deliver_after=datetime.now(UTC) + timedelta(hours=1))])
+        clock.advance(60)
+        [backlog] = _admin(store).backlog()
+        assert (backlog.pending, backlog.oldest_pending_age) == (1, 0.0)
+
     # -- delayed delivery -------------------------------------------------------------------
 
     def test_a_delayed_message_waits_until_due(
@@ -408,6 +426,15 @@ class StoreContract:
         clock.advance(61)
         with _checkout(store, 10) as batch:
             assert _ids(batch) == [delayed]
+
+    def test_many_delayed_messages_do_not_hide_a_due_one_behind_them(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        later = datetime.now(UTC) + timedelta(days=1)
+        harness.write([entry(key="a", deliver_after=later) for _ in range(150)])
+        [due] = harness.write([entry(key="a")])
+        with _checkout(store, 10) as batch:
+            assert _ids(batch) == [due]
 
     def test_a_past_deliver_after_is_due_at_once(self, harness: StoreHarness, store: Store) -> None:
         [id_] = harness.write([entry(deliver_after=datetime.now(UTC) - timedelta(hours=1))])
@@ -434,3 +461,6 @@ class StoreContract:
             stranger = PersistedMessage("999999", "orders", b"", None, "zz", datetime.now(UTC), 0)
             with pytest.raises(ValueError, match="not part of this batch"):
                 batch.mark_published(stranger, "p")
+            same_key = attrs.evolve(batch.messages[0], id="999999")
+            with pytest.raises(ValueError, match="not part of this batch"):
+                batch.mark_published(same_key, "p")

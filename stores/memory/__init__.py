@@ -33,6 +33,7 @@ from outboxbind.store import (
     MarkedOutcome,
     SequenceKey,
     TopicBacklog,
+    integer_ids,
     round_robin,
 )
 
@@ -129,7 +130,7 @@ class InMemoryStore:
         tx.commit()
 
     def _new_row(self, entry: OutboxEntry) -> _Row:
-        now = time.time()
+        now = self.clock()
         due = entry.deliver_after.timestamp() if entry.deliver_after else now
         with self._lock:
             id_ = next(self._ids)
@@ -155,20 +156,19 @@ class InMemoryStore:
         wanted = set(topic_names)
         with self._lock:
             now = self.clock()
-            taken: dict[SequenceKey, list[_Row]] = {}
-            found = 0
+            due: list[SequenceKey] = []
             for sequence in self._rotation(wanted):
                 lease = self._leases.get(sequence)
                 if lease is not None and lease[1] > now:
                     continue
-                rows = self._due_prefix(self._sequences[sequence], limit, now)
-                if rows:
-                    taken[sequence] = rows
-                    found += len(rows)
-                    if found >= limit:
+                if self._due_prefix(self._sequences[sequence], 1, now):
+                    due.append(sequence)
+                    if len(due) >= limit:
                         break
-            if not taken:
+            if not due:
                 return None
+            share = -(-limit // len(due))  # limit split evenly across the due sequences
+            taken = {s: self._due_prefix(self._sequences[s], share, now) for s in due}
             tokens = {}
             for sequence in taken:
                 tokens[sequence] = secrets.token_hex(16)
@@ -263,7 +263,7 @@ class InMemoryStore:
 
     def replay_dead_letters(self, ids: Sequence[str]) -> int:
         """Make parked or blocked messages due now with zero attempts, keeping their ids."""
-        wanted = {int(i) for i in ids}
+        wanted = set(integer_ids(ids))
         with self._lock:
             now = self.clock()
             replayed = []
@@ -282,7 +282,7 @@ class InMemoryStore:
 
     def purge_dead_letters(self, ids: Sequence[str]) -> int:
         """Delete parked or blocked messages for good."""
-        wanted = {int(i) for i in ids}
+        wanted = set(integer_ids(ids))
         with self._lock:
             purged = len([self._dead.pop(i) for i in wanted & self._dead.keys()])
             for rows in self._sequences.values():
@@ -300,7 +300,8 @@ class InMemoryStore:
                 entry = stats.setdefault(topic, [0, now, 0])
                 for row in rows:
                     entry[0] += 1
-                    entry[1] = min(entry[1], row.created_at)
+                    if row.available_at is None or row.available_at <= now:  # not delayed
+                        entry[1] = min(entry[1], row.created_at)
                     entry[2] += row.available_at is None
             for row in self._dead.values():
                 stats.setdefault(row.topic, [0, now, 0])[2] += 1

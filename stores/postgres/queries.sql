@@ -89,7 +89,7 @@ picked AS (
                 AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
           ), 9223372036854775807)
         ORDER BY o.position
-        LIMIT %(limit)s
+        LIMIT ceil(%(limit)s::float8 / (SELECT count(*) FROM claimed))  -- an even share
     ) AS m
 ),
 chosen AS (
@@ -197,11 +197,14 @@ blocked AS (
 SELECT (SELECT count(*) FROM parked) + (SELECT count(*) FROM blocked)
 
 -- name: backlog
--- Per topic: pending messages, the oldest one's age in seconds, blocked and parked counts.
+-- Per topic: pending messages, the age in seconds of the oldest that is due (delayed ones are
+-- not late), blocked and parked counts.
 SELECT topic, sum(pending)::bigint, coalesce(max(oldest_age), 0)::float8, sum(dead)::bigint
 FROM (
     SELECT topic, count(*) AS pending,
-           extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(created_at)) AS oldest_age,
+           extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(created_at) FILTER (
+               WHERE available_at IS NULL OR available_at <= coalesce(%(now)s::timestamptz, now())
+           )) AS oldest_age,
            count(*) FILTER (WHERE available_at IS NULL) AS dead
     FROM {outbox} GROUP BY topic
     UNION ALL

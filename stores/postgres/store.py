@@ -27,6 +27,7 @@ from outboxbind.store import (
     DeadLetter,
     SequenceKey,
     TopicBacklog,
+    integer_ids,
     round_robin,
 )
 from outboxbind.stores.postgres.persister import notify_channel
@@ -332,14 +333,12 @@ class PostgresStore:
 
     def replay_dead_letters(self, ids: Sequence[str]) -> int:
         """Make parked or blocked messages due now with zero attempts, keeping their ids."""
-        rows = self._run(
-            "replay_dead_letters", {"ids": [int(i) for i in ids], "now": self._s.now()}
-        )
+        rows = self._run("replay_dead_letters", {"ids": integer_ids(ids), "now": self._s.now()})
         return int(rows[0][0])
 
     def purge_dead_letters(self, ids: Sequence[str]) -> int:
         """Delete parked or blocked messages for good."""
-        return int(self._run("purge_dead_letters", {"ids": [int(i) for i in ids]})[0][0])
+        return int(self._run("purge_dead_letters", {"ids": integer_ids(ids)})[0][0])
 
     def backlog(self) -> list[TopicBacklog]:
         """Pending, oldest pending age and dead letters, per topic."""
@@ -442,12 +441,12 @@ class AsyncPostgresStore:
 
     async def replay_dead_letters(self, ids: Sequence[str]) -> int:
         """Make parked or blocked messages due now with zero attempts, keeping their ids."""
-        params = {"ids": [int(i) for i in ids], "now": self._s.now()}
+        params = {"ids": integer_ids(ids), "now": self._s.now()}
         return int((await self._run("replay_dead_letters", params))[0][0])
 
     async def purge_dead_letters(self, ids: Sequence[str]) -> int:
         """Delete parked or blocked messages for good."""
-        return int((await self._run("purge_dead_letters", {"ids": [int(i) for i in ids]}))[0][0])
+        return int((await self._run("purge_dead_letters", {"ids": integer_ids(ids)}))[0][0])
 
     async def backlog(self) -> list[TopicBacklog]:
         """Pending, oldest pending age and dead letters, per topic."""

@@ -22,11 +22,30 @@ SELECT ordering_key FROM {outbox}
 WHERE topic = :topic AND ordering_key > :after
 ORDER BY ordering_key LIMIT 1
 
--- name: sequence_head
--- The first messages of one sequence, in order, with what decides whether they are due.
-SELECT id, data, attributes, created_at, attempts, available_at FROM {outbox}
-WHERE topic = :topic AND ordering_key = :ordering_key
+-- name: due_ids
+-- The due messages at the head of a sequence, in order, up to the first one that waits for a
+-- retry (or is blocked); delayed messages not yet due are stepped over.
+SELECT id FROM {outbox}
+WHERE topic = :topic AND ordering_key = :ordering_key AND available_at <= :now
+  AND id < coalesce((
+      SELECT min(w.id) FROM {outbox} w
+      WHERE w.topic = :topic AND w.ordering_key = :ordering_key AND w.attempts > 0
+        AND (w.available_at IS NULL OR w.available_at > :now)
+  ), 9223372036854775807)
 ORDER BY id LIMIT :limit
+
+-- name: messages_by_id
+-- The chosen messages of a batch.
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts FROM {outbox}
+WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- name: park_unreadable
+-- Move a row that cannot be read as a message to the dead letters, as it is.
+INSERT INTO {dead_letters}
+    (id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at)
+SELECT id, topic, ordering_key, data, attributes, coalesce(created_at, :now), attempts,
+       :error, :now
+FROM {outbox} WHERE id = :id
 
 -- name: take_lease
 -- Lease a sequence for a batch (it was free or expired when checked, in this transaction).
@@ -91,9 +110,11 @@ WHERE available_at IS NULL AND id IN (SELECT value FROM json_each(:ids))
 DELETE FROM {outbox} WHERE available_at IS NULL AND id IN (SELECT value FROM json_each(:ids))
 
 -- name: backlog
--- Per topic: pending messages, the oldest one's creation time, blocked and parked counts.
+-- Per topic: pending messages, the creation time of the oldest one that is due (delayed ones
+-- are not late), blocked and parked counts.
 SELECT topic, SUM(pending), MIN(oldest), SUM(dead) FROM (
-    SELECT topic, COUNT(*) AS pending, MIN(created_at) AS oldest,
+    SELECT topic, COUNT(*) AS pending,
+           MIN(CASE WHEN available_at IS NULL OR available_at <= :now THEN created_at END) AS oldest,
            SUM(available_at IS NULL) AS dead
     FROM {outbox} GROUP BY topic
     UNION ALL

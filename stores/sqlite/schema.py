@@ -30,6 +30,7 @@ def _identifiers(table: str) -> dict[str, str]:
     return {
         "outbox": table,
         "outbox_sequence_index": f"{table}_sequence_index",
+        "outbox_waiting_index": f"{table}_waiting_index",
         "dead_letters": f"{table}_dead_letters",
         "leases": f"{table}_leases",
         "migrations": f"{table}_migrations",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -22,6 +23,7 @@ from outboxbind.store import (
     MarkedOutcome,
     SequenceKey,
     TopicBacklog,
+    integer_ids,
     round_robin,
 )
 from outboxbind.stores.sqlite.persister import wakeup_channel
@@ -29,18 +31,42 @@ from outboxbind.stores.sqlite.schema import migrate, queries_for
 
 __all__ = ["SQLiteBatch", "SQLiteStore"]
 
+log = logging.getLogger("outboxbind.stores.sqlite")
 
-def _message(topic: str, key: str, row: Sequence[Any]) -> PersistedMessage:
-    id_, data, attributes, created_at, attempts = row[:5]
+
+def _message(row: Sequence[Any]) -> PersistedMessage:
+    """A message from a row of (id, topic, ordering_key, data, attributes, created_at, attempts)."""
+    id_, topic, key, data, attributes, created_at, attempts = row[:7]
+    if not isinstance(data, bytes):
+        raise TypeError(f"data is {type(data).__name__}, not a BLOB")
     return PersistedMessage(
         id=str(id_),
         topic=topic,
-        data=bytes(data),
+        data=data,
         attributes=json.loads(attributes) if attributes else None,
         ordering_key=key or None,
         created_at=datetime.fromtimestamp(created_at, UTC),
         attempts=attempts,
     )
+
+
+def _readable_message(row: Sequence[Any]) -> PersistedMessage:
+    """As :func:`_message`, but shows a row that was parked as unreadable as best it can."""
+    try:
+        return _message(row)
+    except Exception:
+        id_, topic, key, data, _attributes, created_at, attempts = row[:7]
+        raw = data if isinstance(data, bytes) else str(data).encode("utf-8", "replace")
+        when = created_at if isinstance(created_at, int | float) else 0.0
+        return PersistedMessage(
+            str(id_),
+            str(topic),
+            raw,
+            None,
+            key or None,
+            datetime.fromtimestamp(when, UTC),
+            attempts,
+        )
 
 
 class SQLiteStore:
@@ -88,6 +114,7 @@ class SQLiteStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._cursor: SequenceKey | None = None  # where the last checkout's sequence walk ended
+        self._watcher: _CommitWatcher | None = None
         if migrate:
             self.migrate()
 
@@ -122,7 +149,7 @@ class SQLiteStore:
 
         Sequences are visited in (topic, ordering key) order starting after where the previous
         checkout stopped, so over successive batches every sequence gets its turn; within a
-        batch, the sequences found share ``limit`` round-robin.
+        batch, up to ``limit`` due sequences share ``limit`` evenly.
         """
         if not topic_names or limit <= 0:
             return None
@@ -156,31 +183,68 @@ class SQLiteStore:
         with self._lock:
             cursor = self._cursor
             try:
-                return bool(self._due_messages(self._conn, topics, 1, self.clock()))
+                return bool(self._due_sequences(self._conn, topics, 1, self.clock()))
             finally:
                 self._cursor = cursor
 
-    def _due_messages(
+    def _due_sequences(
         self, conn: sqlite3.Connection, topics: list[str], limit: int, now: float
-    ) -> dict[SequenceKey, list[PersistedMessage]]:
+    ) -> list[SequenceKey]:
+        """Up to ``limit`` unleased sequences with a due message, from where the last stopped."""
         leased = {
             (row[0], row[1])
             for row in conn.execute(
                 self._q["live_leases"], {"topics": json.dumps(topics), "now": now}
             )
         }
-        taken: dict[SequenceKey, list[PersistedMessage]] = {}
-        found = 0
+        due: list[SequenceKey] = []
         for sequence in self._walk_sequences(conn, topics):
-            if sequence in leased:
-                continue
-            messages = self._due_prefix(conn, sequence, limit, now)
-            if messages:
-                taken[sequence] = messages
-                found += len(messages)
-                if found >= limit:
+            if sequence not in leased and self._due_ids(conn, sequence, 1, now):
+                due.append(sequence)
+                if len(due) >= limit:
                     break
+        return due
+
+    def _due_ids(
+        self, conn: sqlite3.Connection, sequence: SequenceKey, limit: int, now: float
+    ) -> list[int]:
+        topic, key = sequence
+        params = {"topic": topic, "ordering_key": key, "limit": limit, "now": now}
+        return [row[0] for row in conn.execute(self._q["due_ids"], params)]
+
+    def _due_messages(
+        self, conn: sqlite3.Connection, topics: list[str], limit: int, now: float
+    ) -> dict[SequenceKey, list[PersistedMessage]]:
+        """Each due sequence's share of the batch: ``limit`` split evenly across them."""
+        sequences = self._due_sequences(conn, topics, limit, now)
+        if not sequences:
+            return {}
+        share = -(-limit // len(sequences))
+        ids = {s: self._due_ids(conn, s, share, now) for s in sequences}
+        chosen = round_robin(ids, limit)
+        rows = conn.execute(self._q["messages_by_id"], {"ids": json.dumps(chosen)}).fetchall()
+        by_id: dict[int, PersistedMessage] = {}
+        for row in rows:
+            try:
+                by_id[row[0]] = _message(row)
+            except Exception as exc:  # a row written by hand, or by a buggy tool
+                self._park_unreadable(conn, row[0], exc, now)
+        taken: dict[SequenceKey, list[PersistedMessage]] = {}
+        for sequence, sequence_ids in ids.items():
+            for id_ in sequence_ids:
+                if id_ not in by_id:
+                    break  # not chosen this time (or parked): the rest of the sequence waits
+                taken.setdefault(sequence, []).append(by_id[id_])
         return taken
+
+    def _park_unreadable(
+        self, conn: sqlite3.Connection, id_: int, error: Exception, now: float
+    ) -> None:
+        reason = f"unreadable outbox row {id_} in {self.table!r}: {type(error).__name__}: {error}"
+        log.error("%s; moved to the dead letters", reason)
+        params = {"id": id_, "error": reason, "now": now}
+        conn.execute(self._q["park_unreadable"], params)
+        conn.execute(self._q["delete_message"], params)
 
     def _walk_sequences(self, conn: sqlite3.Connection, topics: list[str]) -> Iterator[SequenceKey]:
         """Every sequence of ``topics`` once, starting after where the last checkout stopped."""
@@ -213,29 +277,6 @@ class SQLiteStore:
             row = conn.execute(
                 self._q["next_sequence"], {"topic": topic, "after": row[0]}
             ).fetchone()
-
-    def _due_prefix(
-        self, conn: sqlite3.Connection, sequence: SequenceKey, limit: int, now: float
-    ) -> list[PersistedMessage]:
-        """The due messages at the head of a sequence, up to the first one waiting for a retry.
-
-        Delayed messages that are not due yet (never attempted) are stepped over.
-        """
-        topic, key = sequence
-        rows = conn.execute(
-            self._q["sequence_head"],
-            {"topic": topic, "ordering_key": key, "limit": limit + 64},
-        ).fetchall()
-        messages = []
-        for row in rows:
-            available_at, attempts = row[5], row[4]
-            if available_at is not None and available_at <= now:
-                messages.append(_message(topic, key, row))
-                if len(messages) >= limit:
-                    break
-            elif attempts > 0:
-                break  # waiting for a retry, or blocked: the rest of the sequence waits
-        return messages
 
     # -- applied when a batch closes ---------------------------------------------------------
 
@@ -283,8 +324,16 @@ class SQLiteStore:
     # -- wake-ups ---------------------------------------------------------------------------
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Wake ``callback`` when a persister in this process writes to this database."""
-        return wakeup.subscribe(wakeup_channel(self.path), callback)
+        """Wake ``callback`` when a transaction of a persister in this process commits.
+
+        A persister signals at its INSERT, before the commit; a watcher thread then reads the
+        database's ``PRAGMA data_version`` every millisecond or so until the commit lands (or
+        10 s pass), and only then wakes the relay.
+        """
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = _CommitWatcher(self.path)
+        return self._watcher.subscribe(callback)
 
     # -- dead letters and backlog (DeadLetterAdmin) -------------------------------------------
 
@@ -296,7 +345,7 @@ class SQLiteStore:
             ).fetchall()
         return [
             DeadLetter(
-                message=_message(row[1], row[2], (row[0], *row[3:7])),
+                message=_readable_message(row),
                 error=row[7] or "",
                 state=row[9],
                 since=datetime.fromtimestamp(row[8] or 0, UTC),
@@ -306,7 +355,7 @@ class SQLiteStore:
 
     def replay_dead_letters(self, ids: Sequence[str]) -> int:
         """Make parked or blocked messages due now with zero attempts, keeping their ids."""
-        params = {"ids": json.dumps([int(i) for i in ids]), "now": self.clock()}
+        params = {"ids": json.dumps(integer_ids(ids)), "now": self.clock()}
         with self._write() as conn:
             unparked = conn.execute(self._q["unpark_dead_letters"], params).rowcount
             conn.execute(self._q["delete_dead_letters"], params)
@@ -315,7 +364,7 @@ class SQLiteStore:
 
     def purge_dead_letters(self, ids: Sequence[str]) -> int:
         """Delete parked or blocked messages for good."""
-        params = {"ids": json.dumps([int(i) for i in ids])}
+        params = {"ids": json.dumps(integer_ids(ids))}
         with self._write() as conn:
             parked = conn.execute(self._q["delete_dead_letters"], params).rowcount
             blocked = conn.execute(self._q["delete_blocked"], params).rowcount
@@ -324,8 +373,8 @@ class SQLiteStore:
     def backlog(self) -> list[TopicBacklog]:
         """Pending, oldest pending age and dead letters, per topic."""
         with self._lock:
-            rows = self._conn.execute(self._q["backlog"]).fetchall()
-        now = self.clock()
+            now = self.clock()
+            rows = self._conn.execute(self._q["backlog"], {"now": now}).fetchall()
         return [
             TopicBacklog(
                 topic=topic,
@@ -335,6 +384,81 @@ class SQLiteStore:
             )
             for topic, pending, oldest, dead in rows
         ]
+
+
+class _CommitWatcher:
+    """Turns a writer's signal (sent at its INSERT) into a wake-up at its COMMIT."""
+
+    WATCH_FOR = 10.0  # seconds to wait for a signalled transaction to commit
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.callbacks: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        self.signalled = threading.Event()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.unsubscribe_signals: Callable[[], None] | None = None
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        with self.lock:
+            self.callbacks.append(callback)
+            if self.thread is None:
+                self.stopping.clear()
+                self.unsubscribe_signals = wakeup.subscribe(
+                    wakeup_channel(self.path), self.signalled.set
+                )
+                self.thread = threading.Thread(
+                    target=self._run, name="outboxbind-sqlite-commits", daemon=True
+                )
+                self.thread.start()
+
+        def unsubscribe() -> None:
+            with self.lock:
+                if callback in self.callbacks:
+                    self.callbacks.remove(callback)
+                if self.callbacks or self.thread is None:
+                    return
+                thread, self.thread = self.thread, None
+                if self.unsubscribe_signals is not None:
+                    self.unsubscribe_signals()
+                self.stopping.set()
+                self.signalled.set()
+            thread.join(5)
+
+        return unsubscribe
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            while not self.stopping.is_set():
+                self.signalled.wait()
+                self.signalled.clear()
+                current = conn.execute("PRAGMA data_version").fetchone()[0]
+                if current != version:  # a commit since we last looked: perhaps the signaller's
+                    version = current
+                    self._wake()
+                deadline = time.monotonic() + self.WATCH_FOR
+                pause = 0.0005
+                while not self.stopping.is_set() and time.monotonic() < deadline:
+                    current = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if current != version:  # another connection committed
+                        version = current
+                        self._wake()
+                        break
+                    time.sleep(pause)
+                    pause = min(pause * 1.5, 0.005)
+        except sqlite3.Error as exc:
+            log.warning("the SQLite commit watcher stopped (polling goes on): %s", exc)
+        finally:
+            conn.close()
+
+    def _wake(self) -> None:
+        with self.lock:
+            callbacks = list(self.callbacks)
+        for callback in callbacks:
+            callback()
 
 
 class SQLiteBatch(BufferedBatch):

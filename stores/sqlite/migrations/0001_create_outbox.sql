@@ -3,7 +3,7 @@
 -- One row per message not yet published. A sequence is (topic, ordering_key); '' is the
 -- topic-wide sequence of messages without an ordering key.
 CREATE TABLE {outbox} (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: consumers dedupe on it
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- a committed id is never reused
     topic         TEXT    NOT NULL,
     ordering_key  TEXT    NOT NULL DEFAULT '',
     data          BLOB    NOT NULL,                   -- the codec's bytes, untouched
@@ -17,6 +17,9 @@ CREATE TABLE {outbox} (
 
 -- Walks the sequences and each one's messages in order; covers the checkout's filters.
 CREATE INDEX {outbox_sequence_index} ON {outbox} (topic, ordering_key, id, available_at, attempts);
+
+-- Finds the message a sequence waits on (failed: due again later, or blocked) at once.
+CREATE INDEX {outbox_waiting_index} ON {outbox} (topic, ordering_key, id) WHERE attempts > 0;
 
 -- Messages parked by the poison policy 'park'; replay moves them back with the same id.
 CREATE TABLE {dead_letters} (
