@@ -278,7 +278,8 @@ SequenceKey = tuple[str, str]
 
 MarkedOutcome = tuple[Literal["published", "failed", "dead"], PersistedMessage, str | None,
                       timedelta | None]  # fmt: skip
-"""What a batch was told about one message: kind, message, error, retry_after."""
+"""What a batch was told about one message: kind, message, detail (the publish id of a published
+message, the error of a failed or dead one), and retry_after."""
 
 
 class _MarkBuffer:
@@ -298,7 +299,7 @@ class _MarkBuffer:
         self,
         kind: Literal["published", "failed", "dead"],
         message: PersistedMessage,
-        error: str | None = None,
+        detail: str | None = None,
         retry_after: timedelta | None = None,
     ) -> None:
         if self.closed:
@@ -306,7 +307,7 @@ class _MarkBuffer:
         sequence = message.sequence
         if message.id not in self._ids or sequence not in self.tokens:
             raise ValueError(f"message {message.id} is not part of this batch")
-        self.outcomes.setdefault(sequence, []).append((kind, message, error, retry_after))
+        self.outcomes.setdefault(sequence, []).append((kind, message, detail, retry_after))
 
     def _closing(self) -> bool:
         """Mark the batch closed; return False if it already was."""
@@ -327,7 +328,7 @@ class BufferedBatch(_MarkBuffer):
 
     def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
         """Acknowledge ``message``; it is removed (or kept as published) on close."""
-        self._mark("published", message)
+        self._mark("published", message, publish_id)
 
     def mark_failed(
         self, message: PersistedMessage, error: str, retry_after: timedelta | None
@@ -364,7 +365,7 @@ class AsyncBufferedBatch(_MarkBuffer):
 
     async def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
         """See :meth:`BufferedBatch.mark_published`."""
-        self._mark("published", message)
+        self._mark("published", message, publish_id)
 
     async def mark_failed(
         self, message: PersistedMessage, error: str, retry_after: timedelta | None

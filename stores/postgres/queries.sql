@@ -117,7 +117,19 @@ acked AS (
     USING held
     WHERE o.id = ANY(%(published)s::bigint[])
       AND o.topic = held.topic AND o.ordering_key = held.ordering_key
-    RETURNING o.id
+    RETURNING o.id, o.topic, o.ordering_key, o.data, o.attributes, o.created_at, o.attempts
+),
+kept AS (
+    INSERT INTO {published}
+        (id, topic, ordering_key, data, attributes, created_at, attempts, publish_id,
+         published_at)
+    SELECT a.id, a.topic, a.ordering_key, a.data, a.attributes, a.created_at, a.attempts,
+           p.publish_id, coalesce(%(now)s::timestamptz, now())
+    FROM acked a
+    JOIN unnest(%(published)s::bigint[], %(publish_ids)s::text[]) AS p (id, publish_id)
+      USING (id)
+    WHERE %(keep_published)s
+    RETURNING id
 ),
 failed AS (
     UPDATE {outbox} o
@@ -211,6 +223,15 @@ FROM (
     SELECT topic, 0, NULL, count(*) FROM {dead_letters} GROUP BY topic
 ) AS counts
 GROUP BY topic ORDER BY topic
+
+-- name: purge_published
+-- Retention for keep_published: delete kept messages published before a cutoff. Returns how many.
+WITH purged AS (
+    DELETE FROM {published}
+    WHERE published_at < coalesce(%(now)s::timestamptz, now()) - %(older_than)s * interval '1 second'
+    RETURNING id
+)
+SELECT count(*) FROM purged
 
 -- name: create_migrations_table
 -- The table that records applied schema versions.

@@ -33,6 +33,7 @@ def names_for(schema: str, table: str) -> dict[str, str]:
     names = {
         "outbox": relation(table),
         "dead_letters": relation(f"{table}_dead_letters"),
+        "published": relation(f"{table}_published"),
         "leases": relation(f"{table}_leases"),
         "migrations": relation(f"{table}_migrations"),
         "message_ids": relation(f"{table}_message_ids"),
@@ -40,6 +41,7 @@ def names_for(schema: str, table: str) -> dict[str, str]:
         "draw_position": relation(f"{table}_draw_position"),
         "outbox_sequence_index": quote_identifier(f"{table}_sequence_index"),
         "outbox_waiting_index": quote_identifier(f"{table}_waiting_index"),
+        "published_at_index": quote_identifier(f"{table}_published_at_index"),
         "draw_position_trigger": quote_identifier(f"{table}_draw_position"),
         "schema": quote_identifier(schema),
     }

@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -49,6 +49,7 @@ class _Statements:
         lease_duration: float,
         clock: Callable[[], float] | None,
         owner: str | None,
+        keep_published: bool,
     ) -> None:
         if lease_duration <= 0:
             raise ConfigurationError(f"lease_duration must be positive, not {lease_duration!r}")
@@ -59,6 +60,7 @@ class _Statements:
         self.clock = clock
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
         self.channel = notify_channel(schema, table)
+        self.keep_published = keep_published
         self._cursors: dict[str, str] = {}  # per topic: the last ordering key leased
 
     def now(self) -> datetime | None:
@@ -101,30 +103,34 @@ class _Statements:
 
     def close_params(self, batch: BufferedBatch | AsyncBufferedBatch) -> dict[str, Any]:
         published: list[int] = []
+        publish_ids: list[str | None] = []
         failed: list[int] = []
         failed_errors: list[str | None] = []
         retry_seconds: list[float | None] = []
         dead: list[int] = []
         dead_errors: list[str | None] = []
         for outcomes in batch.outcomes.values():
-            for kind, message, error, retry_after in outcomes:
+            for kind, message, detail, retry_after in outcomes:
                 if kind == "published":
                     published.append(int(message.id))
+                    publish_ids.append(detail)
                 elif kind == "failed":
                     failed.append(int(message.id))
-                    failed_errors.append(error)
+                    failed_errors.append(detail)
                     retry_seconds.append(
                         None if retry_after is None else retry_after.total_seconds()
                     )
                 else:
                     dead.append(int(message.id))
-                    dead_errors.append(error)
+                    dead_errors.append(detail)
         sequences = list(batch.tokens)
         return {
             "lease_topics": [topic for topic, _ in sequences],
             "lease_keys": [key for _, key in sequences],
             "lease_tokens": [int(batch.tokens[s]) for s in sequences],
             "published": published,
+            "publish_ids": publish_ids,
+            "keep_published": self.keep_published,
             "failed": failed,
             "failed_errors": failed_errors,
             "retry_seconds": retry_seconds,
@@ -265,6 +271,9 @@ class PostgresStore:
         owner: the name recorded on leases (default: host, pid and a random suffix).
         listen_conninfo: the connection string of the LISTEN connection, when the pool's
             settings are computed at connect time (by default the pool's own are used).
+        keep_published: keep each published message (with its publish id and time) in
+            ``<table>_published`` instead of deleting it; :meth:`purge_published` is the
+            retention.
     """
 
     def __init__(
@@ -277,6 +286,7 @@ class PostgresStore:
         clock: Callable[[], float] | None = None,
         owner: str | None = None,
         listen_conninfo: str | None = None,
+        keep_published: bool = False,
     ) -> None:
         if not isinstance(pool, ConnectionPool):
             raise TypeError(
@@ -285,7 +295,12 @@ class PostgresStore:
             )
         self.pool = pool
         self._s = _Statements(
-            schema=schema, table=table, lease_duration=lease_duration, clock=clock, owner=owner
+            schema=schema,
+            table=table,
+            lease_duration=lease_duration,
+            clock=clock,
+            owner=owner,
+            keep_published=keep_published,
         )
         conninfo, kwargs = (listen_conninfo, {}) if listen_conninfo else _conninfo_of(pool)
         self._listener = _Listener(conninfo, kwargs, self._s.channel)
@@ -344,6 +359,11 @@ class PostgresStore:
         """Pending, oldest pending age and dead letters, per topic."""
         return [self._s.backlog_row(row) for row in self._run("backlog", {"now": self._s.now()})]
 
+    def purge_published(self, older_than: timedelta) -> int:
+        """Delete kept published messages older than ``older_than``; return how many."""
+        params = {"older_than": older_than.total_seconds(), "now": self._s.now()}
+        return int(self._run("purge_published", params)[0][0])
+
 
 class AsyncPostgresBatch(AsyncBufferedBatch):
     """Messages leased from an :class:`AsyncPostgresStore`; marks are applied on close."""
@@ -377,6 +397,7 @@ class AsyncPostgresStore:
         clock: Callable[[], float] | None = None,
         owner: str | None = None,
         listen_conninfo: str | None = None,
+        keep_published: bool = False,
     ) -> None:
         if not isinstance(pool, AsyncConnectionPool):
             raise TypeError(
@@ -385,7 +406,12 @@ class AsyncPostgresStore:
             )
         self.pool = pool
         self._s = _Statements(
-            schema=schema, table=table, lease_duration=lease_duration, clock=clock, owner=owner
+            schema=schema,
+            table=table,
+            lease_duration=lease_duration,
+            clock=clock,
+            owner=owner,
+            keep_published=keep_published,
         )
         conninfo, kwargs = (listen_conninfo, {}) if listen_conninfo else _conninfo_of(pool)
         self._listener = _Listener(conninfo, kwargs, self._s.channel)
@@ -452,3 +478,8 @@ class AsyncPostgresStore:
         """Pending, oldest pending age and dead letters, per topic."""
         rows = await self._run("backlog", {"now": self._s.now()})
         return [self._s.backlog_row(row) for row in rows]
+
+    async def purge_published(self, older_than: timedelta) -> int:
+        """Delete kept published messages older than ``older_than``; return how many."""
+        params = {"older_than": older_than.total_seconds(), "now": self._s.now()}
+        return int((await self._run("purge_published", params))[0][0])
