@@ -65,3 +65,23 @@ def pg_schema(pg_dsn: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def pubsub_host() -> Iterator[str]:
+    """A running Pub/Sub emulator: ``PUBSUB_EMULATOR_HOST``, or one started for the session."""
+    import os
+
+    from outboxbind.testing.emulator import PubSubEmulator
+
+    given = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if given:
+        yield given
+        return
+    emulator = PubSubEmulator().start()
+    os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+    try:
+        yield emulator.host
+    finally:
+        del os.environ["PUBSUB_EMULATOR_HOST"]
+        emulator.stop()

@@ -2,6 +2,9 @@
 
 PostgreSQL: ``OUTBOXBIND_PG_DSN`` if set; otherwise the machine's cluster on 127.0.0.1:5432,
 started with ``pg_ctlcluster`` when it is installed but down.
+
+Pub/Sub: ``PUBSUB_EMULATOR_HOST`` if set; otherwise an emulator started for the session
+(:class:`outboxbind.testing.emulator.PubSubEmulator`).
 """
 
 from __future__ import annotations

@@ -24,8 +24,15 @@ from outboxbind.errors import (
     PublishError,
 )
 from outboxbind.messages import OutboxEntry, PersistedMessage
+from outboxbind.tracing import current_traceparent
 
-__all__ = ["PublishOutcome", "Topic", "publish_in_key_order"]
+__all__ = [
+    "RESERVED_ATTRIBUTE_PREFIX",
+    "PublishOutcome",
+    "Topic",
+    "outbox_attributes",
+    "publish_in_key_order",
+]
 
 T = TypeVar("T")
 
@@ -35,6 +42,10 @@ PublishOutcome = str | BaseException
 DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
 DEFAULT_MAX_ORDERING_KEY_BYTES = 1024
 DEFAULT_MAX_ATTRIBUTES = 100
+
+RESERVED_ATTRIBUTE_PREFIX = "outbox-"
+"""Attributes outboxbind adds when publishing: ``outbox-id`` (the consumer's idempotency key),
+``outbox-created-at``."""
 
 
 class Topic(ABC, Generic[T]):
@@ -118,7 +129,10 @@ class Topic(ABC, Generic[T]):
             )
         key = self._ordering_key_of(message)
         attrs_ = self._checked_attributes(attributes) if attributes else None
-        return OutboxEntry(
+        trace = current_traceparent()
+        if trace:
+            attrs_ = {**trace, **(attrs_ or {})}
+        entry = OutboxEntry(
             topic=self.name,
             data=data,
             attributes=attrs_,
@@ -126,6 +140,12 @@ class Topic(ABC, Generic[T]):
             deliver_after=self._deliver_after(deliver_after),
             strict_sequence=self.strict_sequence,
         )
+        self.validate_entry(entry)
+        return entry
+
+    def validate_entry(self, entry: OutboxEntry) -> None:
+        """Destination-specific checks of the whole encoded entry; raise a
+        :class:`~outboxbind.errors.PublishError` to refuse it. The base class checks nothing."""
 
     def _ordering_key_of(self, message: T) -> str | None:
         if self.ordering_key is None:
@@ -171,6 +191,11 @@ class Topic(ABC, Generic[T]):
                 f"{self.max_attributes}"
             )
         for name, value in attributes.items():
+            if isinstance(name, str) and name.startswith(RESERVED_ATTRIBUTE_PREFIX):
+                raise InvalidAttributes(
+                    f"topic {self.name!r}: attribute names starting with "
+                    f"{RESERVED_ATTRIBUTE_PREFIX!r} are reserved for outboxbind ({name!r})"
+                )
             if not isinstance(name, str) or not name or "\x00" in name:
                 raise InvalidAttributes(
                     f"topic {self.name!r}: attribute name {name!r} must be a non-empty "
@@ -263,3 +288,13 @@ def publish_in_key_order(
             failed[message.sequence] = exc
             outcomes.append(exc)
     return outcomes
+
+
+def outbox_attributes(message: PersistedMessage) -> dict[str, str]:
+    """The attributes to publish with ``message``: its own, plus ``outbox-id`` (the same on every
+    redelivery, for consumers to deduplicate on) and ``outbox-created-at`` (ISO 8601)."""
+    return {
+        **message.attributes,
+        "outbox-id": message.id,
+        "outbox-created-at": message.created_at.isoformat(),
+    }

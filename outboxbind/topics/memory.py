@@ -12,7 +12,7 @@ import attrs
 
 from outboxbind.codecs import Codec
 from outboxbind.messages import PersistedMessage
-from outboxbind.topics import PublishOutcome, Topic, publish_in_key_order
+from outboxbind.topics import PublishOutcome, Topic, outbox_attributes, publish_in_key_order
 
 __all__ = ["InMemoryTopic", "Published"]
 
@@ -115,7 +115,7 @@ class InMemoryTopic(Topic[T]):
                     publish_id,
                     message.id,
                     message.data,
-                    {**message.attributes, "outbox-id": message.id},
+                    outbox_attributes(message),
                     message.ordering_key,
                 )
             )
