@@ -306,3 +306,52 @@ def test_an_emulator_outage_of_30s_loses_nothing_and_keeps_order(
         emulator.stop()
         if previous_host is not None:
             os.environ["PUBSUB_EMULATOR_HOST"] = previous_host
+
+
+def test_direct_publish_resumes_an_ordering_key_after_a_failure(channel: Channel) -> None:
+    topic = channel.topic()
+    channel.publisher.delete_topic(topic=channel.topic_path)
+    with pytest.raises(Exception, match=r"(?i)not.?found"):
+        topic.publish(OrderPlaced(1, "ann"))
+    channel.publisher.create_topic(name=channel.topic_path)
+    # without resume_publish the client would refuse every later message of "ann"
+    assert topic.publish(OrderPlaced(2, "ann"))
+
+
+class FailingFirstRequest(PubSubTopic[OrderPlaced]):
+    """The real topic, whose first Publish request fails (as on a broken connection)."""
+
+    requests: list[list[str]]
+
+    def _send(self, request: Any, timeout: float) -> list[str]:
+        self.requests.append([m.attributes["outbox-id"] for m in request.messages])
+        if len(self.requests) == 1:
+            raise ConnectionError("the first request failed")
+        return super()._send(request, timeout)
+
+
+def test_a_failed_request_stops_its_keys_and_later_requests_carry_the_others(
+    channel: Channel,
+) -> None:
+    from datetime import UTC, datetime
+
+    from outboxbind import NotAttempted, PersistedMessage
+
+    topic = FailingFirstRequest(
+        channel.publisher, channel.topic_path, OrderPlaced, ordering_key=lambda m: m.customer
+    )
+    topic.requests = []
+    now = datetime.now(UTC)
+    # 1,000 messages of "ann" fill the first request; "bob" follows in the second
+    messages = [
+        PersistedMessage(str(i), topic.name, b"{}", None, "ann" if i < 1000 else "bob", now)
+        for i in range(1100)
+    ]
+    messages.insert(1000, PersistedMessage("9999", topic.name, b"{}", None, "ann", now))
+    outcomes = topic.publish_batch(messages, timeout=10)
+    assert len(topic.requests) == 2
+    assert isinstance(outcomes[0], ConnectionError)  # ann's head carries the failure
+    assert all(isinstance(o, NotAttempted) for o in outcomes[1:1001])  # the rest of ann waits
+    assert "9999" not in topic.requests[1]  # even the ann message that fell into request two
+    assert all(isinstance(o, str) for o in outcomes[1001:])  # bob went through
+    assert len(channel.pull(100)) == 100

@@ -244,16 +244,19 @@ class PubSubTopic(Topic[T]):
                 plan.not_sent(sendable, f"the publish timeout of {timeout}s ran out")
                 continue
             try:
-                # the GAPIC method itself: one Publish RPC with the whole request. (The client
-                # library's batching publish() would split it into one future per message.)
-                response = GapicPublisherClient.publish(
-                    self.client, request=self._request(messages, sendable), timeout=remaining
-                )
+                message_ids = self._send(self._request(messages, sendable), remaining)
             except Exception as exc:
                 plan.failed(sendable, exc)
                 continue
-            plan.published(sendable, list(response.message_ids))
+            plan.published(sendable, message_ids)
         return plan.outcomes
+
+    def _send(self, request: PublishRequest, timeout: float) -> list[str]:
+        """One Publish RPC with the whole request; the message ids in request order."""
+        # the GAPIC method itself: the client library's batching publish() would split the
+        # request into one future per message
+        response = GapicPublisherClient.publish(self.client, request=request, timeout=timeout)
+        return list(response.message_ids)
 
     async def publish_batch_async(
         self, messages: Sequence[PersistedMessage], *, timeout: float
