@@ -167,3 +167,12 @@ def test_bind_refuses_what_is_not_a_topic_or_persister(conn: sqlite3.Connection)
         bind(order_topic(), "conn")  # type: ignore[call-overload]
     with pytest.raises(TypeError, match=r"needs a sqlite3\.Connection"):
         persister("app.db")  # type: ignore[arg-type]
+
+
+def test_a_deliver_after_beyond_the_calendar_is_a_publish_error(conn: sqlite3.Connection) -> None:
+    from datetime import timedelta
+
+    with pytest.raises(PublishError, match="lies beyond the year 9999"):
+        bind(order_topic(), persister(conn)).publish(
+            OrderPlaced(1, "ann"), deliver_after=timedelta(days=999_999_999)
+        )

@@ -171,7 +171,12 @@ class Topic(ABC, Generic[T]):
             )
         if "\x00" in key:
             raise InvalidOrderingKey(f"topic {self.name!r}: the ordering key {key!r} contains NUL")
-        size = len(key.encode("utf-8", "surrogatepass"))
+        if not _is_utf8(key):
+            raise InvalidOrderingKey(
+                f"topic {self.name!r}: the ordering key {key!r} is not valid Unicode text "
+                "(it holds a lone surrogate)"
+            )
+        size = len(key.encode("utf-8"))
         if size > self.max_ordering_key_bytes:
             raise InvalidOrderingKey(
                 f"topic {self.name!r}: the ordering key is {size} bytes, over the limit of "
@@ -206,6 +211,11 @@ class Topic(ABC, Generic[T]):
                     f"topic {self.name!r}: attribute {name!r} must be a string without NUL, "
                     f"not {value!r}"
                 )
+            if not (_is_utf8(name) and _is_utf8(value)):
+                raise InvalidAttributes(
+                    f"topic {self.name!r}: attribute {name!r} is not valid Unicode text "
+                    "(it holds a lone surrogate)"
+                )
         self.validate_attributes(attributes)
         return dict(attributes)
 
@@ -219,7 +229,12 @@ class Topic(ABC, Generic[T]):
         if value is None:
             return None
         if isinstance(value, timedelta):
-            return datetime.now(UTC) + value
+            try:
+                return datetime.now(UTC) + value
+            except OverflowError:
+                raise PublishError(
+                    f"topic {self.name!r}: deliver_after={value!r} lies beyond the year 9999"
+                ) from None
         if isinstance(value, datetime):
             if value.tzinfo is None or value.utcoffset() is None:
                 raise PublishError(
@@ -263,6 +278,14 @@ class Topic(ABC, Generic[T]):
     ) -> list[PublishOutcome]:
         """The asyncio face of :meth:`publish_batch`; by default it runs it in a thread."""
         return await asyncio.to_thread(self.publish_batch, messages, timeout=timeout)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def publish_in_key_order(

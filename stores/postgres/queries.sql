@@ -15,33 +15,50 @@ WITH inserted AS (
 )
 SELECT id, pg_notify(%(channel)s, %(topic)s) FROM inserted
 
--- name: checkout
+-- name: claim_sequences
 -- Lease up to %(limit)s sequences that have a due message, visiting each topic's ordering keys
--- from where this relay stopped last, and return their due messages, shared round-robin.
--- One statement: the leases commit before anything is published.
-WITH RECURSIVE sequences (topic, ordering_key) AS (
-    SELECT first.topic, first.ordering_key
+-- from just after where this relay stopped last, round to just before it. Committed before
+-- anything is published; the messages are read by the next statement, with a fresh snapshot
+-- (this one's may predate another relay's ack of the same sequence, if the claim had to wait).
+WITH RECURSIVE after_cursor (topic, ordering_key) AS (
+    SELECT start.topic, start.ordering_key
     FROM unnest(%(topics)s::text[], %(after)s::text[]) AS wanted (topic, after)
     CROSS JOIN LATERAL (
-        SELECT wanted.topic, coalesce(
-            (SELECT o.ordering_key FROM {outbox} o
-             WHERE o.topic = wanted.topic AND o.ordering_key > wanted.after
-             ORDER BY o.ordering_key LIMIT 1),
-            (SELECT o.ordering_key FROM {outbox} o
-             WHERE o.topic = wanted.topic
-             ORDER BY o.ordering_key LIMIT 1)
-        ) AS ordering_key
-    ) AS first
-    WHERE first.ordering_key IS NOT NULL
+        SELECT o.topic, o.ordering_key FROM {outbox} o
+        WHERE o.topic = wanted.topic AND o.ordering_key > wanted.after
+        ORDER BY o.ordering_key LIMIT 1
+    ) AS start
     UNION ALL
-    SELECT next.topic, next.ordering_key
-    FROM sequences s
+    SELECT step.topic, step.ordering_key
+    FROM after_cursor s
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
         WHERE o.topic = s.topic AND o.ordering_key > s.ordering_key
-        ORDER BY o.ordering_key
-        LIMIT 1
-    ) AS next
+        ORDER BY o.ordering_key LIMIT 1
+    ) AS step
+),
+up_to_cursor (topic, ordering_key, after) AS (
+    SELECT start.topic, start.ordering_key, wanted.after
+    FROM unnest(%(topics)s::text[], %(after)s::text[]) AS wanted (topic, after)
+    CROSS JOIN LATERAL (
+        SELECT o.topic, o.ordering_key FROM {outbox} o
+        WHERE o.topic = wanted.topic AND o.ordering_key <= wanted.after
+        ORDER BY o.ordering_key LIMIT 1
+    ) AS start
+    UNION ALL
+    SELECT step.topic, step.ordering_key, s.after
+    FROM up_to_cursor s
+    CROSS JOIN LATERAL (
+        SELECT o.topic, o.ordering_key FROM {outbox} o
+        WHERE o.topic = s.topic AND o.ordering_key > s.ordering_key
+          AND o.ordering_key <= s.after
+        ORDER BY o.ordering_key LIMIT 1
+    ) AS step
+),
+sequences AS (
+    SELECT topic, ordering_key FROM after_cursor
+    UNION ALL
+    SELECT topic, ordering_key FROM up_to_cursor
 ),
 eligible AS (
     SELECT s.topic, s.ordering_key FROM sequences s
@@ -62,17 +79,22 @@ eligible AS (
           ), 9223372036854775807)
     )
     LIMIT %(limit)s
-),
-claimed AS (
-    INSERT INTO {leases} AS l (topic, ordering_key, token, owner, expires_at)
-    SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(owner)s,
-           coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
-    FROM eligible e
-    ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
-    ON CONFLICT (topic, ordering_key) DO UPDATE
-    SET token = excluded.token, owner = excluded.owner, expires_at = excluded.expires_at
-    WHERE l.expires_at <= coalesce(%(now)s::timestamptz, now())
-    RETURNING l.topic, l.ordering_key, l.token
+)
+INSERT INTO {leases} AS l (topic, ordering_key, token, owner, expires_at)
+SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(owner)s,
+       coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+FROM eligible e
+ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
+ON CONFLICT (topic, ordering_key) DO UPDATE
+SET token = excluded.token, owner = excluded.owner, expires_at = excluded.expires_at
+WHERE l.expires_at <= coalesce(%(now)s::timestamptz, now())
+RETURNING l.topic, l.ordering_key, l.token
+
+-- name: claimed_messages
+-- The due messages of the sequences just claimed, each sequence's even share of %(limit)s in
+-- order, up to the first message that waits for a retry.
+WITH claimed (topic, ordering_key) AS (
+    SELECT * FROM unnest(%(claimed_topics)s::text[], %(claimed_keys)s::text[])
 ),
 picked AS (
     SELECT m.id, m.topic, m.ordering_key, m.position,
@@ -89,18 +111,15 @@ picked AS (
                 AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
           ), 9223372036854775807)
         ORDER BY o.position
-        LIMIT ceil(%(limit)s::float8 / (SELECT count(*) FROM claimed))  -- an even share
+        LIMIT %(share)s
     ) AS m
 ),
 chosen AS (
     SELECT id FROM picked ORDER BY depth, topic, ordering_key LIMIT %(limit)s
 )
-SELECT c.topic, c.ordering_key, c.token,
-       o.id, o.data, o.attributes, o.created_at, o.attempts
-FROM claimed c
-LEFT JOIN ({outbox} o JOIN chosen USING (id))
-       ON o.topic = c.topic AND o.ordering_key = c.ordering_key
-ORDER BY c.topic, c.ordering_key, o.position
+SELECT o.topic, o.ordering_key, o.id, o.data, o.attributes, o.created_at, o.attempts
+FROM {outbox} o JOIN chosen USING (id)
+ORDER BY o.topic, o.ordering_key, o.position
 
 -- name: close_batch
 -- Apply a batch's outcomes for the sequences whose lease still carries its token, and end those

@@ -77,18 +77,30 @@ class _Statements:
             "now": self.now(),
         }
 
-    def batch_contents(
-        self, rows: Sequence[tuple[Any, ...]], limit: int
-    ) -> tuple[list[PersistedMessage], dict[SequenceKey, str]]:
+    def claimed(self, rows: Sequence[tuple[Any, ...]]) -> dict[SequenceKey, str]:
+        """The leases a claim statement returned: sequence -> token; moves the cursors."""
         tokens: dict[SequenceKey, str] = {}
+        furthest: dict[str, str] = {}
+        for topic, key, token in rows:
+            tokens[(topic, key)] = str(token)
+            furthest[topic] = max(key, furthest.get(topic, key))
+        self._cursors.update(furthest)  # the next claim starts just after them
+        return tokens
+
+    def messages_params(self, tokens: dict[SequenceKey, str], limit: int) -> dict[str, Any]:
+        sequences = list(tokens)
+        return {
+            "claimed_topics": [topic for topic, _ in sequences],
+            "claimed_keys": [key for _, key in sequences],
+            "share": -(-limit // len(sequences)),  # an even share of the batch each
+            "limit": limit,
+            "now": self.now(),
+        }
+
+    def batch_messages(self, rows: Sequence[tuple[Any, ...]], limit: int) -> list[PersistedMessage]:
         by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
-        for topic, key, token, id_, data, attributes, created_at, attempts in rows:
-            sequence = (topic, key)
-            tokens[sequence] = str(token)
-            self._cursors[topic] = key
-            if id_ is None:
-                continue  # leased, but its messages went to others this time; released on close
-            by_sequence.setdefault(sequence, []).append(
+        for topic, key, id_, data, attributes, created_at, attempts in rows:
+            by_sequence.setdefault((topic, key), []).append(
                 PersistedMessage(
                     id=str(id_),
                     topic=topic,
@@ -99,7 +111,7 @@ class _Statements:
                     attempts=attempts,
                 )
             )
-        return round_robin(by_sequence, limit), tokens
+        return round_robin(by_sequence, limit)
 
     def close_params(self, batch: BufferedBatch | AsyncBufferedBatch) -> dict[str, Any]:
         published: list[int] = []
@@ -327,11 +339,18 @@ class PostgresStore:
         """Lease up to ``limit`` due messages of ``topic_names`` (one statement, committed)."""
         if not topic_names or limit <= 0:
             return None
-        rows = self._run("checkout", self._s.checkout_params(topic_names, limit))
-        if not rows:
-            return None
-        messages, tokens = self._s.batch_contents(rows, limit)
-        return PostgresBatch(self, messages, tokens)
+        with self.pool.connection() as conn:
+            claims = conn.execute(
+                self._s.sql["claim_sequences"], self._s.checkout_params(topic_names, limit)
+            ).fetchall()
+            if not claims:
+                return None
+            tokens = self._s.claimed(claims)
+            conn.commit()  # the leases hold from here; the next statement reads a fresh snapshot
+            rows = conn.execute(
+                self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
+            ).fetchall()
+        return PostgresBatch(self, self._s.batch_messages(rows, limit), tokens)
 
     def _close_batch(self, batch: PostgresBatch) -> None:
         held = self._run("close_batch", self._s.close_params(batch))
@@ -446,11 +465,20 @@ class AsyncPostgresStore:
         """See :meth:`PostgresStore.checkout_batch`."""
         if not topic_names or limit <= 0:
             return None
-        rows = await self._run("checkout", self._s.checkout_params(topic_names, limit))
-        if not rows:
-            return None
-        messages, tokens = self._s.batch_contents(rows, limit)
-        return AsyncPostgresBatch(self, messages, tokens)
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                self._s.sql["claim_sequences"], self._s.checkout_params(topic_names, limit)
+            )
+            claims = await cursor.fetchall()
+            if not claims:
+                return None
+            tokens = self._s.claimed(claims)
+            await conn.commit()  # the leases hold; the next statement reads a fresh snapshot
+            cursor = await conn.execute(
+                self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
+            )
+            rows = await cursor.fetchall()
+        return AsyncPostgresBatch(self, self._s.batch_messages(rows, limit), tokens)
 
     async def _close_batch(self, batch: AsyncPostgresBatch) -> None:
         held = await self._run("close_batch", self._s.close_params(batch))
