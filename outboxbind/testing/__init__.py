@@ -213,6 +213,18 @@ class StoreContract:
             for key, messages in per_key.items():  # each key's share is its first ten, in order
                 assert [m.data for m in messages] == [f"{key}{i}".encode() for i in range(10)]
 
+    def test_a_blocked_sequence_never_starves_the_others(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        [z1] = harness.write([entry(key="z")])
+        with _checkout(store, 1) as batch:
+            batch.mark_failed(_by_id(batch, z1), "poison", None)  # "z" is blocked for good
+        for _ in range(3):  # the walk goes past "z" and round to "a" every time
+            [a_next] = harness.write([entry(key="a")])
+            with _checkout(store, 1) as batch:
+                assert _ids(batch) == [a_next]
+                batch.mark_published(batch.messages[0], "p")
+
     def test_a_small_sequence_is_served_beside_a_huge_one(
         self, harness: StoreHarness, store: Store
     ) -> None:
