@@ -124,6 +124,8 @@ ORDER BY o.topic, o.ordering_key, o.position
 -- name: close_batch
 -- Apply a batch's outcomes for the sequences whose lease still carries its token, and end those
 -- leases, in one statement. Returns the sequences it held; any other lease was taken over.
+-- Each change is driven by the messages' primary keys; the held sequences are only a filter
+-- (an array computed once), so the plan never walks a whole sequence, whatever the statistics.
 WITH held AS (
     DELETE FROM {leases} l
     USING unnest(%(lease_topics)s::text[], %(lease_keys)s::text[], %(lease_tokens)s::bigint[])
@@ -133,9 +135,8 @@ WITH held AS (
 ),
 acked AS (
     DELETE FROM {outbox} o
-    USING held
     WHERE o.id = ANY(%(published)s::bigint[])
-      AND o.topic = held.topic AND o.ordering_key = held.ordering_key
+      AND o.topic || chr(31) || o.ordering_key = ANY(ARRAY(SELECT topic || chr(31) || ordering_key FROM held))
     RETURNING o.id, o.topic, o.ordering_key, o.data, o.attributes, o.created_at, o.attempts
 ),
 kept AS (
@@ -156,15 +157,16 @@ failed AS (
         failed_at = coalesce(%(now)s::timestamptz, now()),
         available_at = coalesce(%(now)s::timestamptz, now()) + f.retry_seconds * interval '1 second'
     FROM unnest(%(failed)s::bigint[], %(failed_errors)s::text[], %(retry_seconds)s::float8[])
-         AS f (id, error, retry_seconds),
-         held
-    WHERE o.id = f.id AND o.topic = held.topic AND o.ordering_key = held.ordering_key
+         AS f (id, error, retry_seconds)
+    WHERE o.id = f.id
+      AND o.topic || chr(31) || o.ordering_key = ANY(ARRAY(SELECT topic || chr(31) || ordering_key FROM held))
     RETURNING o.id
 ),
 parked AS (
     DELETE FROM {outbox} o
-    USING unnest(%(dead)s::bigint[], %(dead_errors)s::text[]) AS d (id, error), held
-    WHERE o.id = d.id AND o.topic = held.topic AND o.ordering_key = held.ordering_key
+    USING unnest(%(dead)s::bigint[], %(dead_errors)s::text[]) AS d (id, error)
+    WHERE o.id = d.id
+      AND o.topic || chr(31) || o.ordering_key = ANY(ARRAY(SELECT topic || chr(31) || ordering_key FROM held))
     RETURNING o.id, o.topic, o.ordering_key, o.position, o.data, o.attributes, o.created_at,
               o.attempts, d.error
 ),

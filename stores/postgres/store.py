@@ -37,6 +37,11 @@ __all__ = ["AsyncPostgresBatch", "AsyncPostgresStore", "PostgresBatch", "Postgre
 
 log = logging.getLogger("outboxbind.stores.postgres")
 
+#: The relay's own transactions (claims, acks, failures) need not wait for their WAL flush: if
+#: the server crashes before the flush, a lost claim or lost ack only means the messages are
+#: published again (at least once). The writers' transactions keep their own setting.
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF"
+
 
 class _Statements:
     """The store's logic without I/O: parameters in, results out, shared by both faces."""
@@ -336,24 +341,35 @@ class PostgresStore:
             return rows
 
     def checkout_batch(self, topic_names: Sequence[str], limit: int) -> PostgresBatch | None:
-        """Lease up to ``limit`` due messages of ``topic_names`` (one statement, committed)."""
+        """Lease up to ``limit`` due messages of ``topic_names``.
+
+        Two statements, pipelined: the claim commits first (so the leases hold before anything
+        is published), then the messages are read with a fresh snapshot.
+        """
         if not topic_names or limit <= 0:
             return None
-        with self.pool.connection() as conn:
-            claims = conn.execute(
+        with self.pool.connection() as conn, conn.pipeline():
+            conn.execute(ASYNC_COMMIT)
+            claiming = conn.execute(
                 self._s.sql["claim_sequences"], self._s.checkout_params(topic_names, limit)
-            ).fetchall()
+            )
+            claims = claiming.fetchall()
             if not claims:
                 return None
             tokens = self._s.claimed(claims)
-            conn.commit()  # the leases hold from here; the next statement reads a fresh snapshot
-            rows = conn.execute(
+            conn.commit()
+            reading = conn.execute(
                 self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
-            ).fetchall()
+            )
+            rows = reading.fetchall()
         return PostgresBatch(self, self._s.batch_messages(rows, limit), tokens)
 
     def _close_batch(self, batch: PostgresBatch) -> None:
-        held = self._run("close_batch", self._s.close_params(batch))
+        with self.pool.connection() as conn, conn.pipeline():
+            conn.execute(ASYNC_COMMIT)
+            closing = conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
+            conn.commit()
+            held = closing.fetchall()
         self._s.check_held(batch, held)
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -465,23 +481,28 @@ class AsyncPostgresStore:
         """See :meth:`PostgresStore.checkout_batch`."""
         if not topic_names or limit <= 0:
             return None
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(
+        async with self.pool.connection() as conn, conn.pipeline():
+            await conn.execute(ASYNC_COMMIT)
+            claiming = await conn.execute(
                 self._s.sql["claim_sequences"], self._s.checkout_params(topic_names, limit)
             )
-            claims = await cursor.fetchall()
+            claims = await claiming.fetchall()
             if not claims:
                 return None
             tokens = self._s.claimed(claims)
-            await conn.commit()  # the leases hold; the next statement reads a fresh snapshot
-            cursor = await conn.execute(
+            await conn.commit()
+            reading = await conn.execute(
                 self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
             )
-            rows = await cursor.fetchall()
+            rows = await reading.fetchall()
         return AsyncPostgresBatch(self, self._s.batch_messages(rows, limit), tokens)
 
     async def _close_batch(self, batch: AsyncPostgresBatch) -> None:
-        held = await self._run("close_batch", self._s.close_params(batch))
+        async with self.pool.connection() as conn, conn.pipeline():
+            await conn.execute(ASYNC_COMMIT)
+            closing = await conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
+            await conn.commit()
+            held = await closing.fetchall()
         self._s.check_held(batch, held)
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:

@@ -1,0 +1,228 @@
+"""The benchmark cases, each measured beside its bound in the same run.
+
+Bounds are written by hand as the best a relay could do here:
+
+* ``hand INSERT``: the outbox row inserted with a plain ``INSERT ... VALUES`` in the same kind
+  of transaction (one business row, one outbox row, commit);
+* ``raw drain``: ``DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``, the
+  payload not parsed, in batches of the same size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from benchmarks.common import DSN, PAYLOAD, Figure, NullTopic, fill, outbox, timed
+from outboxbind import OutboxEntry, Relay, bind
+from outboxbind.stores.postgres import persister
+from outboxbind.stores.postgres.schema import names_for
+
+Case = Callable[[bool], Figure]
+
+
+# -- publish() in a transaction ----------------------------------------------------------------
+
+
+def publish_overhead(quick: bool) -> Figure:
+    """``bound.publish()`` in a transaction, against a hand INSERT of the same outbox row."""
+    transactions = 500 if quick else 5000
+    topic = NullTopic("orders")
+    case_values, bound_values = [], []
+    with outbox() as (pool, schema, _store):
+        outbox_table = names_for(schema, "outbox")["outbox"]
+        with pool.connection() as conn:
+            conn.execute(f'CREATE TABLE "{schema}".orders (id bigint PRIMARY KEY)')
+            conn.commit()
+        hand_insert = (
+            f"INSERT INTO {outbox_table} (id, position, topic, ordering_key, data, available_at)"
+            f" SELECT n, n, %s, '', %s, clock_timestamp()"
+            f" FROM nextval('\"{schema}\".outbox_message_ids') AS n"
+        )
+        business = f'INSERT INTO "{schema}".orders (id) VALUES (%s)'
+        order_id = 0
+        for _ in range(3 if quick else 5):
+            with pool.connection() as conn:
+
+                def with_publish() -> int:
+                    nonlocal order_id
+                    for _ in range(transactions):
+                        order_id += 1
+                        with conn.transaction():
+                            conn.execute(business, (order_id,))
+                            bind(topic, persister(conn, schema=schema)).publish(PAYLOAD)
+                    return transactions
+
+                def by_hand() -> int:
+                    nonlocal order_id
+                    for _ in range(transactions):
+                        order_id += 1
+                        with conn.transaction():
+                            conn.execute(business, (order_id,))
+                            conn.execute(hand_insert, ("orders", PAYLOAD))
+                    return transactions
+
+                bound_values.append(1e6 / timed(by_hand))
+                case_values.append(1e6 / timed(with_publish))
+    return Figure(
+        "publish() in a transaction (sync)", "hand INSERT", "us/tx",
+        case_values, bound_values, higher_is_better=False, target=1.15,
+    )  # fmt: skip
+
+
+def publish_overhead_async(quick: bool) -> Figure:
+    """The asyncio face of :func:`publish_overhead`."""
+    transactions = 500 if quick else 5000
+    topic = NullTopic("orders")
+
+    async def scenario(schema: str) -> tuple[list[float], list[float]]:
+        outbox_table = names_for(schema, "outbox")["outbox"]
+        hand_insert = (
+            f"INSERT INTO {outbox_table} (id, position, topic, ordering_key, data, available_at)"
+            f" SELECT n, n, %s, '', %s, clock_timestamp()"
+            f" FROM nextval('\"{schema}\".outbox_message_ids') AS n"
+        )
+        business = f'INSERT INTO "{schema}".orders (id) VALUES (%s)'
+        case_values, bound_values = [], []
+        order_id = 0
+        async with AsyncConnectionPool(DSN, min_size=1, max_size=2, open=False) as pool:
+            for _ in range(3 if quick else 5):
+                async with pool.connection() as conn:
+                    started = time.perf_counter()
+                    for _ in range(transactions):
+                        order_id += 1
+                        async with conn.transaction():
+                            await conn.execute(business, (order_id,))
+                            await conn.execute(hand_insert, ("orders", PAYLOAD))
+                    bound_values.append((time.perf_counter() - started) * 1e6 / transactions)
+                    started = time.perf_counter()
+                    for _ in range(transactions):
+                        order_id += 1
+                        async with conn.transaction():
+                            await conn.execute(business, (order_id,))
+                            await bind(topic, persister(conn, schema=schema)).publish(PAYLOAD)
+                    case_values.append((time.perf_counter() - started) * 1e6 / transactions)
+        return case_values, bound_values
+
+    with outbox() as (pool, schema, _store):
+        with pool.connection() as conn:
+            conn.execute(f'CREATE TABLE "{schema}".orders (id bigint PRIMARY KEY)')
+            conn.commit()
+        case_values, bound_values = asyncio.run(scenario(schema))
+    return Figure(
+        "publish() in a transaction (asyncio)", "hand INSERT", "us/tx",
+        case_values, bound_values, higher_is_better=False, target=1.15,
+    )  # fmt: skip
+
+
+# -- draining PostgreSQL to a null topic -------------------------------------------------------
+
+
+def _raw_drain(pool: Any, schema: str, batch: int) -> int:
+    table = names_for(schema, "outbox")["outbox"]
+    statement = (
+        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT %s "
+        f"FOR UPDATE SKIP LOCKED) RETURNING id, data"
+    )
+    drained = 0
+    with pool.connection() as conn:
+        while True:
+            with conn.transaction():
+                rows = conn.execute(statement, (batch,)).fetchall()
+            if not rows:
+                return drained
+            drained += len(rows)
+
+
+def _relay_drain(store: Any, topics: list[NullTopic], batch: int, count: int) -> int:
+    relay = Relay(store)
+    for topic in topics:
+        relay.register_topic(topic)
+    published = 0
+    while published < count:
+        result = relay.process_messages(batch)
+        if result.store_error is not None or result.errors:
+            raise RuntimeError(f"a relay round failed: {result}")
+        if result.checked_out == 0:
+            break
+        published += result.successes
+    return published
+
+
+def drain_null(batch: int, topics: int, keyed: bool) -> Case:
+    def case(quick: bool) -> Figure:
+        count = 20_000 if quick else 100_000
+        names = [f"topic-{i}" for i in range(topics)]
+        case_values, bound_values = [], []
+        for _ in range(3 if quick else 5):
+            with outbox(pool_size=4) as (pool, schema, store):
+                fill(pool, schema, names, count, keyed)
+                bound_values.append(timed(lambda: _raw_drain(pool, schema, batch)))
+                fill(pool, schema, names, count, keyed)
+                null_topics = [NullTopic(name) for name in names]
+                case_values.append(timed(lambda: _relay_drain(store, null_topics, batch, count)))
+        shape = f"{topics} ordered topic{'s' if topics > 1 else ''}" if keyed else f"{topics} topic"
+        return Figure(
+            f"drain PostgreSQL -> null, batch {batch}, {shape}", "raw drain", "msgs/s",
+            case_values, bound_values, higher_is_better=True, target=0.8,
+        )  # fmt: skip
+
+    case.__name__ = f"drain_null_b{batch}_t{topics}{'_keyed' if keyed else ''}"
+    return case
+
+
+# -- commit -> publish latency ------------------------------------------------------------------
+
+
+def latency_null(quick: bool) -> Figure:
+    """Commit -> publish latency with NOTIFY wake-up, one message every 20 ms, null topic."""
+    count = 100 if quick else 500
+    topic = NullTopic("events")
+    published_at: dict[str, float] = {}
+    topic.on_publish = lambda messages: published_at.update(
+        dict.fromkeys((m.id for m in messages), time.perf_counter())
+    )
+    committed_at: dict[str, float] = {}
+    with outbox() as (pool, schema, store):
+        relay = Relay(store, poll_interval=5.0)
+        relay.register_topic(topic)
+        thread = threading.Thread(target=relay.poll_for_messages, args=(100,))
+        thread.start()
+        try:
+            time.sleep(0.5)  # the LISTEN connection is up
+            with psycopg.connect(DSN) as conn:
+                for _ in range(count):
+                    with conn.transaction():
+                        outbox_id = persister(conn, schema=schema)(OutboxEntry("events", PAYLOAD))
+                    committed_at[outbox_id] = time.perf_counter()
+                    time.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while len(published_at) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            relay.stop(timeout=10)
+            thread.join(10)
+    latencies = sorted((published_at[i] - committed_at[i]) * 1000 for i in committed_at)
+    quantiles = statistics.quantiles(latencies, n=100)
+    return Figure(
+        "commit -> publish latency p50 / p99 (NOTIFY, null topic)", "targets 2.5 ms / 10 ms",
+        "ms", [quantiles[49], quantiles[98]], [2.5, 10.0], higher_is_better=False, target=1.0,
+    )  # fmt: skip
+
+
+ALL: list[Case] = [
+    publish_overhead,
+    publish_overhead_async,
+    drain_null(100, 1, keyed=False),
+    drain_null(500, 1, keyed=False),
+    drain_null(1000, 1, keyed=False),
+    drain_null(500, 10, keyed=True),
+    latency_null,
+]

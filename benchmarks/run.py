@@ -1,0 +1,106 @@
+"""Run the benchmark suite by hand: each case beside its bound, medians of several runs.
+
+    python -m benchmarks.run            # the full sizes (minutes)
+    python -m benchmarks.run --quick    # small sizes, for a look
+    python -m benchmarks.run --only drain
+
+Writes ``benchmarks/results/latest.json`` (figures, versions, machine facts) and
+``docs/performance.png`` (each case as a ratio of its bound), and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import attrs
+import psycopg
+
+from benchmarks.cases import ALL
+from benchmarks.common import DSN, Figure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict[str, object]:
+    with psycopg.connect(DSN) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "postgresql": row[0] if row else "?",
+        "packages": {
+            name: metadata.version(name)
+            for name in ("outboxbind", "psycopg", "psycopg-pool", "google-cloud-pubsub")
+        },
+    }
+
+
+def plot(figures: list[Figure], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(figures) + 1.5))
+    names = [f.case for f in figures]
+    ratios = [f.ratio for f in figures]
+    colors = ["tab:green" if f.meets_target else "tab:red" for f in figures]
+    ax.barh(names, ratios, color=colors)
+    for y, f in enumerate(figures):
+        if f.target is not None:
+            ax.plot([f.target, f.target], [y - 0.4, y + 0.4], color="black", linewidth=2)
+        ax.text(f.ratio, y, f"  {f.ratio:.2f}", va="center")
+    ax.axvline(1.0, color="grey", linestyle=":")
+    ax.invert_yaxis()
+    ax.set_xlabel("case / bound, measured in the same run (black tick: the target)")
+    ax.set_title("outboxbind benchmarks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    args = parser.parse_args(argv)
+    figures: list[Figure] = []
+    for case in ALL:
+        if args.only and args.only not in case.__name__:
+            continue
+        started = time.monotonic()
+        figure = case(args.quick)
+        figures.append(figure)
+        verdict = {True: "meets", False: "MISSES", None: ""}[figure.meets_target]
+        print(
+            f"{figure.case:60} {figure.median:10.1f} {figure.unit:7} "
+            f"bound {figure.bound_median:10.1f}  ratio {figure.ratio:5.2f} {verdict}"
+            f"  ({time.monotonic() - started:.0f}s)",
+            flush=True,
+        )
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    report = {
+        "quick": args.quick,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "figures": [
+            {**attrs.asdict(f), "median": f.median, "bound_median": f.bound_median,
+             "ratio": f.ratio, "meets_target": f.meets_target}
+            for f in figures
+        ],
+    }  # fmt: skip
+    (results / "latest.json").write_text(json.dumps(report, indent=2))
+    plot(figures, ROOT / "docs" / "performance.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
