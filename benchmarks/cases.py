@@ -166,8 +166,8 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
                 fill(pool, schema, names, count, keyed)
                 bound_values.append(timed(lambda: _raw_drain(pool, schema, batch)))
                 fill(pool, schema, names, count, keyed)
-                null_topics = [NullTopic(name) for name in names]
-                case_values.append(timed(lambda: _relay_drain(store, null_topics, batch, count)))
+                sinks = [NullTopic(name) for name in names]
+                case_values.append(timed(lambda: _relay_drain(store, sinks, batch, count)))  # noqa: B023
         shape = f"{topics} ordered topic{'s' if topics > 1 else ''}" if keyed else f"{topics} topic"
         return Figure(
             f"drain PostgreSQL -> null, batch {batch}, {shape}", "raw drain", "msgs/s",
@@ -190,7 +190,7 @@ def latency_null(quick: bool) -> Figure:
         dict.fromkeys((m.id for m in messages), time.perf_counter())
     )
     committed_at: dict[str, float] = {}
-    with outbox() as (pool, schema, store):
+    with outbox() as (_pool, schema, store):
         relay = Relay(store, poll_interval=5.0)
         relay.register_topic(topic)
         thread = threading.Thread(target=relay.poll_for_messages, args=(100,))
