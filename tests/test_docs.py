@@ -8,6 +8,12 @@ Conventions for ```python blocks in README.md and docs/*.md, checked here:
 * ``<!-- snippet -->`` on the line before a block: an illustration that is not run. It must
   still be valid Python, and every name it imports from outboxbind must exist.
 
+An example that needs a server reads it from the environment, as a user runs it: PostgreSQL from
+``OUTBOXBIND_PG_DSN`` (with the suite's default), the Pub/Sub emulator from
+``PUBSUB_EMULATOR_HOST``. Here they are set from the session's ``pg_dsn`` and ``pubsub_host``
+fixtures, which start the servers when they are installed but not running. Such an example works
+in a schema of its own, named by its ``SCHEMA``, and must drop it.
+
 A ```python block with neither marker fails the suite. Relative links between the pages must
 point at files (and headings) that exist. The demo (``python -m outboxbind.demo``) runs too.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import os
 import re
 import runpy
 import sqlite3
@@ -27,7 +34,9 @@ from contextlib import closing
 from pathlib import Path
 
 import attrs
+import psycopg
 import pytest
+from services import DEFAULT_PG_DSN
 
 from outboxbind import demo
 
@@ -127,13 +136,50 @@ def test_there_are_examples() -> None:
     assert EXAMPLES, f"no scripts in {EXAMPLES_DIR}"
 
 
+#: The environment variables naming the servers an example may need, and the fixtures that
+#: provide them.
+SERVERS = {"OUTBOXBIND_PG_DSN": "pg_dsn", "PUBSUB_EMULATOR_HOST": "pubsub_host"}
+
+
+def _servers(script: Path) -> list[str]:
+    source = script.read_text(encoding="utf-8")
+    return [variable for variable in SERVERS if variable in source]
+
+
+def _schema_exists(dsn: str, schema: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = %s", (schema,)
+        ).fetchone()
+    return row == (1,)
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_runs(script: Path) -> None:
+def test_example_runs(
+    script: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in _servers(script):
+        monkeypatch.setenv(variable, request.getfixturevalue(SERVERS[variable]))
     namespace = runpy.run_path(str(script), run_name=f"docs_example_{script.stem}")
     main = namespace.get("main")
     assert callable(main), f"{script.relative_to(ROOT)} must define main()"
     run: Callable[[], object] = main
     run()
+    schema = namespace.get("SCHEMA")
+    if "OUTBOXBIND_PG_DSN" in _servers(script) and isinstance(schema, str):
+        dsn = os.environ["OUTBOXBIND_PG_DSN"]
+        assert not _schema_exists(dsn, schema), f"{script.name} left its schema {schema} behind"
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_an_example_needing_postgres_reads_the_dsn_with_the_default(script: Path) -> None:
+    if "OUTBOXBIND_PG_DSN" not in _servers(script):
+        return
+    source = script.read_text(encoding="utf-8")
+    assert f'os.environ.get("OUTBOXBIND_PG_DSN", "{DEFAULT_PG_DSN}")' in source, script.name
+    assert re.search(r"^SCHEMA = f\"\w+_\{uuid\.uuid4\(\)", source, re.MULTILINE), (
+        f'{script.name}: work in a schema of its own, SCHEMA = f"name_{{uuid.uuid4()...}}"'
+    )
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])

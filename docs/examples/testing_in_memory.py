@@ -7,7 +7,6 @@ inside its transaction, a test passes an in-memory transaction.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import attrs
 
@@ -22,6 +21,7 @@ from outboxbind import (
     bind,
 )
 from outboxbind.stores.memory import InMemoryStore, InMemoryTransaction
+from outboxbind.testing import FakeClock
 from outboxbind.topics.memory import InMemoryTopic
 
 
@@ -69,18 +69,8 @@ def test_a_failed_sign_up_publishes_nothing() -> None:
     assert store.pending_ids() == []
 
 
-class Clock:
-    """Real time plus an offset the test moves, so no test sleeps through a backoff."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 def test_a_failed_publish_is_retried_after_its_backoff() -> None:
-    clock = Clock()
+    clock = FakeClock()  # real time plus an offset the test moves: no sleeping through a backoff
     outage = iter([ConnectionError("mail server down")])  # the first attempt fails
     flaky = InMemoryTopic("welcomes", JsonCodec(Welcome), fail=lambda m: next(outage, None))
     store = InMemoryStore(clock=clock)
@@ -90,7 +80,7 @@ def test_a_failed_publish_is_retried_after_its_backoff() -> None:
     relay.register_topic(flaky, retry=RetryPolicy(initial_delay=60.0, jitter=0.0))
     assert relay.process_messages().errors == 1
     assert relay.process_messages().checked_out == 0  # waiting out its 60 s backoff
-    clock.offset += 61.0
+    clock.advance(61.0)
     assert relay.process_messages().successes == 1
     assert flaky.messages() == [Welcome("cy@example.com")]
 
