@@ -459,6 +459,44 @@ def test_strict_sequence_g5_is_needed_without_it_publish_follows_id_order_and_en
     assert final_states(topic) == {1: "B"}  # the anomaly: subscribers disagree with the database
 
 
+def test_strict_sequence_g5_writers_of_the_same_keys_in_opposite_orders_never_deadlock(
+    pg_dsn: str, pg_schema: str, pg_store: PostgresStore
+) -> None:
+    """Each strict commit takes its keys' locks in one sorted order, whatever the write order."""
+    topic = account_topic(strict_sequence=True)
+    rounds = 30
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def writer(accounts: tuple[int, int]) -> None:
+        with psycopg.connect(pg_dsn) as conn:
+            for n in range(rounds):
+                try:
+                    for account in accounts:
+                        bind(topic, persister(conn, schema=pg_schema)).publish(
+                            AccountChanged(account, f"{accounts}-{n}")
+                        )
+                    barrier.wait(10)  # both transactions commit at the same moment
+                    conn.commit()
+                except BaseException as exc:
+                    errors.append(exc)
+                    barrier.abort()
+                    return
+
+    threads = [
+        threading.Thread(target=writer, args=((1, 2),)),
+        threading.Thread(target=writer, args=((2, 1),)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    relay = relay_for(pg_store, topic)
+    drain(relay)
+    assert len(topic.published) == 2 * 2 * rounds
+
+
 # -- guarantee 3: poison policies (block holds only its key; park goes on) ----------------------
 
 
@@ -1139,3 +1177,23 @@ def test_exclusive_g6_a_claim_that_waited_never_hands_out_what_another_relay_pub
         assert handed == [id_0a]
     finally:
         late_batch.close()
+
+
+def test_bad_row_g9_an_unreadable_row_is_parked_and_blocks_nothing(
+    pg_dsn: str, pg_schema: str, pg_pool: ConnectionPool[Any], pg_store: PostgresStore
+) -> None:
+    topic = account_topic()
+    with psycopg.connect(pg_dsn) as conn:  # a row written by hand, attributes not an object
+        conn.execute(
+            f'INSERT INTO "{pg_schema}".outbox (id, position, topic, ordering_key, data, '
+            f"attributes, available_at) SELECT n, n, 'accounts', 'acct-1', '\\x00', "
+            f"'[1, 2]'::jsonb, now() FROM nextval('\"{pg_schema}\".outbox_message_ids') AS n"
+        )
+    publish_committed(pg_pool, pg_schema, topic, AccountChanged(1, "after"), AccountChanged(2, "x"))
+    relay = relay_for(pg_store, topic)
+    drain(relay)
+    assert sorted(states(topic)) == [(1, "after"), (2, "x")]
+    [dead] = pg_store.dead_letters()
+    assert dead.state == "parked"
+    assert f"unreadable outbox row {dead.message.id} in {pg_schema}.outbox" in dead.error
+    assert "attributes are not an object of strings: [1, 2]" in dead.error

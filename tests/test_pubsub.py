@@ -189,7 +189,9 @@ def test_bad_input_is_refused_in_publish_before_commit(
             bound.publish(OrderPlaced(4, "ann"), attributes={"big": "v" * 1025})
         with pytest.raises(InvalidAttributes, match="reserved for outboxbind"):
             bound.publish(OrderPlaced(5, "ann"), attributes={"outbox-id": "forged"})
-        good = bound.publish(OrderPlaced(6, "ann"))  # the transaction is still usable
+        with pytest.raises(InvalidAttributes, match="97 attributes, over the limit of 96"):
+            bound.publish(OrderPlaced(6, "ann"), attributes={f"a{i}": "" for i in range(97)})
+        good = bound.publish(OrderPlaced(7, "ann"))  # the transaction is still usable
         conn.commit()
     relay = Relay(PostgresStore(pg_pool, schema=pg_schema))
     relay.register_topic(topic)
@@ -355,3 +357,17 @@ def test_a_failed_request_stops_its_keys_and_later_requests_carry_the_others(
     assert "9999" not in topic.requests[1]  # even the ann message that fell into request two
     assert all(isinstance(o, str) for o in outcomes[1001:])  # bob went through
     assert len(channel.pull(100)) == 100
+
+
+def test_without_an_async_client_the_asyncio_relay_runs_the_topic_on_its_threads(
+    channel: Channel,
+) -> None:
+    import asyncio
+
+    from google.pubsub_v1.services.publisher import PublisherAsyncClient
+
+    async def with_async_client() -> bool:
+        return channel.topic(async_client=PublisherAsyncClient()).async_native
+
+    assert not channel.topic().async_native  # timeouts are then tracked as busy, not cancelled
+    assert asyncio.run(with_async_client())

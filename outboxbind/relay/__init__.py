@@ -504,7 +504,7 @@ class AsyncRelay(_RelayBase):
     ) -> list[PublishOutcome]:
         if topic.name in self._busy_topics:
             return _busy(topic, messages)
-        native = type(topic).publish_batch_async is not Topic.publish_batch_async
+        native = topic.async_native
         if native:
             call: asyncio.Future[Any] = asyncio.ensure_future(
                 topic.publish_batch_async(messages, timeout=timeout)

@@ -273,6 +273,17 @@ class Topic(ABC, Generic[T]):
           confirmed.
         """
 
+    @property
+    def async_native(self) -> bool:
+        """Whether :meth:`publish_batch_async` is natively asynchronous (cancellable).
+
+        When it is not, the asyncio relay runs :meth:`publish_batch` on threads of its own and
+        treats a timed-out call as still running until it returns. True when a subclass
+        overrides :meth:`publish_batch_async`; a subclass whose override may fall back to a
+        thread says so by overriding this property.
+        """
+        return type(self).publish_batch_async is not Topic.publish_batch_async
+
     async def publish_batch_async(
         self, messages: Sequence[PersistedMessage], *, timeout: float
     ) -> list[PublishOutcome]:

@@ -47,7 +47,10 @@ MAX_ATTRIBUTE_VALUE_BYTES = 1024
 MAX_ORDERING_KEY_BYTES = 1024
 MAX_REQUEST_MESSAGES = 1000
 MAX_REQUEST_BYTES = 9_000_000  # under the 10 MB request limit, leaving room for framing
-RESERVED_ATTRIBUTES = 3  # outbox-id, outbox-created-at, traceparent
+RESERVED_ATTRIBUTES = 4  # outbox-id, outbox-created-at, traceparent, tracestate
+#: Bytes the relay adds to each message: outbox-id (up to 20 digits), outbox-created-at (ISO
+#: 8601), their names, and framing; counted by publish() so the relay never exceeds the limit.
+RELAY_OVERHEAD_BYTES = 160
 
 _MESSAGE_PB = PubsubMessage.pb()
 _REQUEST_PB = PublishRequest.pb()
@@ -171,7 +174,7 @@ class PubSubTopic(Topic[T]):
     @staticmethod
     def _size(data: bytes, attributes: Mapping[str, str], key: str | None) -> int:
         attribute_bytes = sum(_utf8_len(k) + _utf8_len(v) for k, v in attributes.items())
-        return len(data) + attribute_bytes + (_utf8_len(key) if key else 0) + 64
+        return len(data) + attribute_bytes + (_utf8_len(key) if key else 0) + RELAY_OVERHEAD_BYTES
 
     # -- direct publishing ---------------------------------------------------------------------
 
@@ -257,6 +260,11 @@ class PubSubTopic(Topic[T]):
         # request into one future per message
         response = GapicPublisherClient.publish(self.client, request=request, timeout=timeout)
         return list(response.message_ids)
+
+    @property
+    def async_native(self) -> bool:
+        """Native asyncio publishing only with an ``async_client``; else the relay uses threads."""
+        return self.async_client is not None
 
     async def publish_batch_async(
         self, messages: Sequence[PersistedMessage], *, timeout: float

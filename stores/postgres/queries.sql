@@ -181,6 +181,19 @@ moved AS (
 )
 SELECT topic, ordering_key FROM held
 
+-- name: park_unreadable
+-- Move rows that cannot be read as messages to the dead letters, as they are, with the reason.
+WITH moved AS (
+    DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING id, topic, ordering_key, position, data, attributes, created_at, attempts
+)
+INSERT INTO {dead_letters}
+    (id, topic, ordering_key, position, data, attributes, created_at, attempts, last_error,
+     failed_at)
+SELECT m.id, m.topic, m.ordering_key, coalesce(m.position, m.id), m.data, m.attributes,
+       m.created_at, m.attempts, e.error, coalesce(%(now)s::timestamptz, now())
+FROM moved m JOIN unnest(%(ids)s::bigint[], %(errors)s::text[]) AS e (id, error) USING (id)
+
 -- name: list_dead_letters
 -- Parked and blocked messages, oldest first, of one topic (or all when %(topic)s is NULL).
 SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at, state

@@ -41,6 +41,7 @@ def names_for(schema: str, table: str) -> dict[str, str]:
         "draw_position": relation(f"{table}_draw_position"),
         "outbox_sequence_index": quote_identifier(f"{table}_sequence_index"),
         "outbox_waiting_index": quote_identifier(f"{table}_waiting_index"),
+        "outbox_unpositioned_index": quote_identifier(f"{table}_unpositioned_index"),
         "published_at_index": quote_identifier(f"{table}_published_at_index"),
         "draw_position_trigger": quote_identifier(f"{table}_draw_position"),
         "schema": quote_identifier(schema),

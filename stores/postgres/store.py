@@ -102,11 +102,28 @@ class _Statements:
             "now": self.now(),
         }
 
-    def batch_messages(self, rows: Sequence[tuple[Any, ...]], limit: int) -> list[PersistedMessage]:
+    def batch_messages(
+        self, rows: Sequence[tuple[Any, ...]], limit: int
+    ) -> tuple[list[PersistedMessage], dict[int, str]]:
+        """The batch's messages, and the rows that cannot be read as messages, with why.
+
+        A sequence is cut at an unreadable row: the rows after it wait for the next batch,
+        after the unreadable one has been parked.
+        """
         by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
+        unreadable: dict[int, str] = {}
+        cut: set[SequenceKey] = set()
         for topic, key, id_, data, attributes, created_at, attempts in rows:
-            by_sequence.setdefault((topic, key), []).append(
-                PersistedMessage(
+            sequence = (topic, key)
+            if sequence in cut:
+                continue
+            try:
+                if attributes is not None and not (
+                    isinstance(attributes, dict)
+                    and all(isinstance(v, str) for v in attributes.values())
+                ):
+                    raise TypeError(f"attributes are not an object of strings: {attributes!r}")
+                message = PersistedMessage(
                     id=str(id_),
                     topic=topic,
                     data=data,
@@ -115,8 +132,20 @@ class _Statements:
                     created_at=created_at,
                     attempts=attempts,
                 )
-            )
-        return round_robin(by_sequence, limit)
+            except Exception as exc:
+                unreadable[id_] = (
+                    f"unreadable outbox row {id_} in {self.schema}.{self.table}: "
+                    f"{type(exc).__name__}: {exc}"
+                )[:2000]
+                cut.add(sequence)
+                continue
+            by_sequence.setdefault(sequence, []).append(message)
+        return round_robin(by_sequence, limit), unreadable
+
+    def unreadable_params(self, unreadable: dict[int, str]) -> dict[str, Any]:
+        for reason in unreadable.values():
+            log.error("%s; moved to the dead letters", reason)
+        return {"ids": list(unreadable), "errors": list(unreadable.values()), "now": self.now()}
 
     def close_params(self, batch: BufferedBatch | AsyncBufferedBatch) -> dict[str, Any]:
         published: list[int] = []
@@ -169,6 +198,8 @@ class _Statements:
 
     def dead_letter(self, row: tuple[Any, ...]) -> DeadLetter:
         id_, topic, key, data, attributes, created_at, attempts, error, failed_at, state = row
+        if not isinstance(attributes, dict):  # a row parked as unreadable: shown without them
+            attributes = None
         message = PersistedMessage(
             str(id_), topic, data, attributes, key or None, created_at, attempts
         )
@@ -361,8 +392,10 @@ class PostgresStore:
             reading = conn.execute(
                 self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
             )
-            rows = reading.fetchall()
-        return PostgresBatch(self, self._s.batch_messages(rows, limit), tokens)
+            messages, unreadable = self._s.batch_messages(reading.fetchall(), limit)
+            if unreadable:
+                conn.execute(self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable))
+        return PostgresBatch(self, messages, tokens)
 
     def _close_batch(self, batch: PostgresBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
@@ -494,8 +527,12 @@ class AsyncPostgresStore:
             reading = await conn.execute(
                 self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
             )
-            rows = await reading.fetchall()
-        return AsyncPostgresBatch(self, self._s.batch_messages(rows, limit), tokens)
+            messages, unreadable = self._s.batch_messages(await reading.fetchall(), limit)
+            if unreadable:
+                await conn.execute(
+                    self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable)
+                )
+        return AsyncPostgresBatch(self, messages, tokens)
 
     async def _close_batch(self, batch: AsyncPostgresBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():

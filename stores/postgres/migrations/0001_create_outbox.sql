@@ -30,6 +30,9 @@ CREATE INDEX {outbox_sequence_index} ON {outbox} (topic, ordering_key, position)
 CREATE INDEX {outbox_waiting_index} ON {outbox} (topic, ordering_key, position)
     WHERE attempts > 0;
 
+-- Finds a committing transaction's own strict rows (the only rows without a position) at once.
+CREATE INDEX {outbox_unpositioned_index} ON {outbox} (id) WHERE position IS NULL;
+
 -- Messages parked by the poison policy 'park'; replay moves them back with the same id.
 CREATE TABLE {dead_letters} (
     id            bigint      PRIMARY KEY,
@@ -57,13 +60,27 @@ CREATE TABLE {leases} (
 
 CREATE SEQUENCE {lease_tokens};
 
--- Strict sequence: at commit, take the sequence's advisory lock, then draw the position. The
--- lock is held until the commit completes, so within a sequence positions follow commit order.
+-- Strict sequence: at commit, take the advisory locks of every sequence this transaction wrote
+-- strict messages to (once, in one sorted order, so two committing transactions cannot
+-- deadlock), then draw each row's position. The locks are held until the commit completes, so
+-- within a sequence positions follow commit order.
 CREATE FUNCTION {draw_position}() RETURNS trigger LANGUAGE plpgsql AS $body$
+DECLARE
+    sequence_lock bigint;
+    flag text := 'outboxbind.strict_locks_' || TG_TABLE_SCHEMA || '_' || TG_TABLE_NAME;
 BEGIN
-    PERFORM pg_advisory_xact_lock(
-        hashtextextended({outbox_literal} || chr(31) || NEW.topic || chr(31) || NEW.ordering_key, 0)
-    );
+    IF current_setting(flag, true) IS DISTINCT FROM 'taken' THEN
+        FOR sequence_lock IN
+            SELECT DISTINCT hashtextextended(
+                {outbox_literal} || chr(31) || o.topic || chr(31) || o.ordering_key, 0)
+            FROM {outbox} o
+            WHERE o.strict AND o.position IS NULL  -- this transaction's own rows: no one else's
+            ORDER BY 1                            -- are visible before they commit
+        LOOP
+            PERFORM pg_advisory_xact_lock(sequence_lock);
+        END LOOP;
+        PERFORM set_config(flag, 'taken', true);  -- until the end of this transaction
+    END IF;
     UPDATE {outbox} SET position = nextval({message_ids_literal}) WHERE id = NEW.id;
     RETURN NULL;
 END
