@@ -22,7 +22,7 @@ Needs the ``pubsub`` extra (``google-cloud-pubsub``). Against the emulator, set
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
 from google.cloud import pubsub_v1
@@ -232,10 +232,14 @@ class PubSubTopic(Topic[T]):
         )
         return request
 
-    def publish_batch(
-        self, messages: Sequence[PersistedMessage], *, timeout: float
-    ) -> list[PublishOutcome]:
-        """Publish with batched ``Publish`` RPCs, one at a time, keeping each key's order."""
+    def _publishing(
+        self, messages: Sequence[PersistedMessage], timeout: float
+    ) -> Generator[tuple[PublishRequest, float], list[str], list[PublishOutcome]]:
+        """The batch's requests, in order, each with the time left; one logic for both faces.
+
+        Yields ``(request, timeout)``; the driver sends back the message ids, or throws in the
+        request's error. Returns the outcome of every message.
+        """
         deadline = time.monotonic() + timeout
         plan = _Plan(messages)
         for request in self._requests(messages):
@@ -247,12 +251,29 @@ class PubSubTopic(Topic[T]):
                 plan.not_sent(sendable, f"the publish timeout of {timeout}s ran out")
                 continue
             try:
-                message_ids = self._send(self._request(messages, sendable), remaining)
+                message_ids = yield self._request(messages, sendable), remaining
             except Exception as exc:
                 plan.failed(sendable, exc)
                 continue
             plan.published(sendable, message_ids)
         return plan.outcomes
+
+    def publish_batch(
+        self, messages: Sequence[PersistedMessage], *, timeout: float
+    ) -> list[PublishOutcome]:
+        """Publish with batched ``Publish`` RPCs, one at a time, keeping each key's order."""
+        steps = self._publishing(messages, timeout)
+        try:
+            request, remaining = next(steps)
+            while True:
+                try:
+                    message_ids = self._send(request, remaining)
+                except Exception as exc:
+                    request, remaining = steps.throw(exc)
+                else:
+                    request, remaining = steps.send(message_ids)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _send(self, request: PublishRequest, timeout: float) -> list[str]:
         """One Publish RPC with the whole request; the message ids in request order."""
@@ -270,27 +291,21 @@ class PubSubTopic(Topic[T]):
         self, messages: Sequence[PersistedMessage], *, timeout: float
     ) -> list[PublishOutcome]:
         """The asyncio face, with ``async_client`` when given (else a worker thread)."""
-        if self.async_client is None:
+        client = self.async_client
+        if client is None:
             return await super().publish_batch_async(messages, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        plan = _Plan(messages)
-        for request in self._requests(messages):
-            sendable = plan.sendable(request)
-            if not sendable:
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                plan.not_sent(sendable, f"the publish timeout of {timeout}s ran out")
-                continue
-            try:
-                response = await self.async_client.publish(
-                    request=self._request(messages, sendable), timeout=remaining
-                )
-            except Exception as exc:
-                plan.failed(sendable, exc)
-                continue
-            plan.published(sendable, list(response.message_ids))
-        return plan.outcomes
+        steps = self._publishing(messages, timeout)
+        try:
+            request, remaining = next(steps)
+            while True:
+                try:
+                    response = await client.publish(request=request, timeout=remaining)
+                except Exception as exc:
+                    request, remaining = steps.throw(exc)
+                else:
+                    request, remaining = steps.send(list(response.message_ids))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 class _Plan:
