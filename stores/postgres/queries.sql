@@ -17,7 +17,8 @@ SELECT id, pg_notify(%(channel)s, %(topic)s) FROM inserted
 
 -- name: claim_sequences
 -- Lease up to %(limit)s sequences that have a due message, visiting each topic's ordering keys
--- from just after where this relay stopped last, round to just before it. Committed before
+-- from just after where this relay stopped last, round to just before it; a lease row another
+-- relay is working on right now is skipped (SKIP LOCKED), never waited for. Committed before
 -- anything is published; the messages are read by the next statement, with a fresh snapshot
 -- (this one's may predate another relay's ack of the same sequence, if the claim had to wait).
 WITH RECURSIVE after_cursor (topic, ordering_key) AS (
@@ -79,16 +80,39 @@ eligible AS (
           ), 9223372036854775807)
     )
     LIMIT %(limit)s
+),
+-- leases that expired: taken over, skipping any row another relay is claiming or releasing
+expired AS (
+    SELECT l.topic, l.ordering_key
+    FROM {leases} l JOIN eligible e USING (topic, ordering_key)
+    WHERE l.expires_at <= coalesce(%(now)s::timestamptz, now())
+    ORDER BY l.topic, l.ordering_key
+    FOR UPDATE OF l SKIP LOCKED
+),
+taken_over AS (
+    UPDATE {leases} l
+    SET token = nextval({lease_tokens_literal}), owner = %(owner)s,
+        expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+    FROM expired x
+    WHERE l.topic = x.topic AND l.ordering_key = x.ordering_key
+    RETURNING l.topic, l.ordering_key, l.token
+),
+-- sequences nobody holds: a new lease row (a concurrent claim of the same one wins, we skip)
+fresh AS (
+    INSERT INTO {leases} (topic, ordering_key, token, owner, expires_at)
+    SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(owner)s,
+           coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+    FROM eligible e
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {leases} l WHERE l.topic = e.topic AND l.ordering_key = e.ordering_key
+    )
+    ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
+    ON CONFLICT (topic, ordering_key) DO NOTHING
+    RETURNING topic, ordering_key, token
 )
-INSERT INTO {leases} AS l (topic, ordering_key, token, owner, expires_at)
-SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(owner)s,
-       coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
-FROM eligible e
-ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
-ON CONFLICT (topic, ordering_key) DO UPDATE
-SET token = excluded.token, owner = excluded.owner, expires_at = excluded.expires_at
-WHERE l.expires_at <= coalesce(%(now)s::timestamptz, now())
-RETURNING l.topic, l.ordering_key, l.token
+SELECT topic, ordering_key, token FROM taken_over
+UNION ALL
+SELECT topic, ordering_key, token FROM fresh
 
 -- name: claimed_messages
 -- The due messages of the sequences just claimed, each sequence's even share of %(limit)s in
