@@ -135,7 +135,7 @@ def _raw_drain(pool: Any, schema: str, batch: int) -> int:
     with pool.connection() as conn:
         while True:
             with conn.transaction():
-                rows = conn.execute(statement, (batch,)).fetchall()
+                rows = conn.execute(statement, (batch,), binary=True).fetchall()
             if not rows:
                 return drained
             drained += len(rows)

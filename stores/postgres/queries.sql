@@ -115,35 +115,29 @@ UNION ALL
 SELECT topic, ordering_key, token FROM fresh
 
 -- name: claimed_messages
--- The due messages of the sequences just claimed, each sequence's even share of %(limit)s in
--- order, up to the first message that waits for a retry.
+-- The due messages of the sequences just claimed, in order: each sequence's even share of the
+-- batch (%(share)s), up to the first message that waits for a retry. The caller interleaves the
+-- sequences and cuts at the batch size (at most one message short of a share per sequence too
+-- many is read).
 WITH claimed (topic, ordering_key) AS (
     SELECT * FROM unnest(%(claimed_topics)s::text[], %(claimed_keys)s::text[])
-),
-picked AS (
-    SELECT m.id, m.topic, m.ordering_key, m.position,
-           row_number() OVER (PARTITION BY m.topic, m.ordering_key ORDER BY m.position) AS depth
-    FROM claimed c
-    CROSS JOIN LATERAL (
-        SELECT o.id, o.topic, o.ordering_key, o.position FROM {outbox} o
-        WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
-          AND o.position IS NOT NULL
-          AND o.available_at <= coalesce(%(now)s::timestamptz, now())
-          AND o.position < coalesce((
-              SELECT min(w.position) FROM {outbox} w
-              WHERE w.topic = c.topic AND w.ordering_key = c.ordering_key AND w.attempts > 0
-                AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
-          ), 9223372036854775807)
-        ORDER BY o.position
-        LIMIT %(share)s
-    ) AS m
-),
-chosen AS (
-    SELECT id FROM picked ORDER BY depth, topic, ordering_key LIMIT %(limit)s
 )
-SELECT o.topic, o.ordering_key, o.id, o.data, o.attributes, o.created_at, o.attempts
-FROM {outbox} o JOIN chosen USING (id)
-ORDER BY o.topic, o.ordering_key, o.position
+SELECT m.topic, m.ordering_key, m.id, m.data, m.attributes, m.created_at, m.attempts
+FROM claimed c
+CROSS JOIN LATERAL (
+    SELECT o.topic, o.ordering_key, o.id, o.data, o.attributes, o.created_at, o.attempts
+    FROM {outbox} o
+    WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
+      AND o.position IS NOT NULL
+      AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+      AND o.position < coalesce((
+          SELECT min(w.position) FROM {outbox} w
+          WHERE w.topic = c.topic AND w.ordering_key = c.ordering_key AND w.attempts > 0
+            AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+      ), 9223372036854775807)
+    ORDER BY o.position
+    LIMIT %(share)s
+) AS m
 
 -- name: close_batch
 -- Apply a batch's outcomes for the sequences whose lease still carries its token, and end those
@@ -161,15 +155,16 @@ acked AS (
     DELETE FROM {outbox} o
     WHERE o.id = ANY(%(published)s::bigint[])
       AND o.topic || chr(31) || o.ordering_key = ANY(ARRAY(SELECT topic || chr(31) || ordering_key FROM held))
-    RETURNING o.id, o.topic, o.ordering_key, o.data, o.attributes, o.created_at, o.attempts
+    RETURNING o.id
 ),
-kept AS (
+kept AS (  -- reads the acked rows as they were before this statement (one snapshot for all)
     INSERT INTO {published}
         (id, topic, ordering_key, data, attributes, created_at, attempts, publish_id,
          published_at)
-    SELECT a.id, a.topic, a.ordering_key, a.data, a.attributes, a.created_at, a.attempts,
+    SELECT o.id, o.topic, o.ordering_key, o.data, o.attributes, o.created_at, o.attempts,
            p.publish_id, coalesce(%(now)s::timestamptz, now())
     FROM acked a
+    JOIN {outbox} o USING (id)
     JOIN unnest(%(published)s::bigint[], %(publish_ids)s::text[]) AS p (id, publish_id)
       USING (id)
     WHERE %(keep_published)s

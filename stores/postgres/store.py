@@ -98,7 +98,6 @@ class _Statements:
             "claimed_topics": [topic for topic, _ in sequences],
             "claimed_keys": [key for _, key in sequences],
             "share": -(-limit // len(sequences)),  # an even share of the batch each
-            "limit": limit,
             "now": self.now(),
         }
 
@@ -175,7 +174,7 @@ class _Statements:
             "lease_keys": [key for _, key in sequences],
             "lease_tokens": [int(batch.tokens[s]) for s in sequences],
             "published": published,
-            "publish_ids": publish_ids,
+            "publish_ids": publish_ids if self.keep_published else [],
             "keep_published": self.keep_published,
             "failed": failed,
             "failed_errors": failed_errors,
@@ -390,7 +389,9 @@ class PostgresStore:
             tokens = self._s.claimed(claims)
             conn.commit()
             reading = conn.execute(
-                self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
+                self._s.sql["claimed_messages"],
+                self._s.messages_params(tokens, limit),
+                binary=True,  # bytea as bytes on the wire: no hex to decode
             )
             messages, unreadable = self._s.batch_messages(reading.fetchall(), limit)
             if unreadable:
@@ -525,7 +526,9 @@ class AsyncPostgresStore:
             tokens = self._s.claimed(claims)
             await conn.commit()
             reading = await conn.execute(
-                self._s.sql["claimed_messages"], self._s.messages_params(tokens, limit)
+                self._s.sql["claimed_messages"],
+                self._s.messages_params(tokens, limit),
+                binary=True,  # bytea as bytes on the wire: no hex to decode
             )
             messages, unreadable = self._s.batch_messages(await reading.fetchall(), limit)
             if unreadable:
