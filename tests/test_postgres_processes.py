@@ -20,23 +20,31 @@ test makes a private throwaway cluster (``tests/pg_cluster.py``) and never touch
 
 from __future__ import annotations
 
-import contextlib
-import json
 import random
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import psycopg
 import pytest
 from pg_cluster import PrivateCluster
 from pg_relay_process import Event, topics_for
+from process_support import (
+    OrderingSequence,
+    Processes,
+    RelayProcess,
+    check_identity,
+    check_relay_totals,
+    duplicates_of,
+    first_publications,
+    log_size,
+    read_rows,
+)
 from psycopg_pool import ConnectionPool
 
 from outboxbind import bind
@@ -44,9 +52,7 @@ from outboxbind.stores.postgres import PostgresStore, persister
 
 pytestmark = pytest.mark.slow
 
-HELPER = Path(__file__).with_name("pg_relay_process.py")
-
-Sequence_ = tuple[str, str]  # (topic, ordering key or "-")
+SCRIPT = Path(__file__).with_name("pg_relay_process.py")
 
 
 class Line(NamedTuple):
@@ -61,13 +67,22 @@ class Line(NamedTuple):
     pid: int
     at: float  # time.monotonic() of the publish
 
+    @classmethod
+    def from_fields(cls, fields: list[str]) -> Line:
+        outbox_id, topic, key, writer, seq, crc, pid, at = fields
+        return cls(outbox_id, topic, key, int(writer), int(seq), int(crc), int(pid), float(at))
+
     @property
-    def sequence(self) -> Sequence_:
+    def sequence(self) -> OrderingSequence:
         return (self.topic, self.key)
 
     @property
     def content(self) -> tuple[str, str, int, int, int]:
         return (self.topic, self.key, self.writer, self.seq, self.crc)
+
+    @property
+    def serial(self) -> tuple[int, int]:
+        return (self.writer, self.seq)
 
 
 class Record(NamedTuple):
@@ -93,69 +108,15 @@ class Written(NamedTuple):
     rolled_back: set[tuple[int, int]]
     transactions: int
 
-
-class Processes:
-    """The subprocesses a test started; every one still running is killed at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.running: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        output = self.tmp_path / f"{name}.out"
-        with open(output, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, str(HELPER), *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        self.running.append((process, output))
-        return process
-
-    def output_of(self, process: subprocess.Popen[bytes]) -> str:
-        for candidate, output in self.running:
-            if candidate is process:
-                return output.read_text(errors="replace")[-4000:]
-        return ""
-
-    def check_alive(self, *processes: subprocess.Popen[bytes]) -> None:
-        """Fail at once, with its output, if one of ``processes`` has exited."""
-        for process in processes:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"process {process.args!r} exited early with {process.returncode}:\n"
-                    + self.output_of(process)
-                )
-
-    def wait(self, process: subprocess.Popen[bytes], timeout: float) -> int:
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process {process.args!r} did not exit within {timeout}s")
-
-    def stop(self, process: subprocess.Popen[bytes], timeout: float = 40.0) -> None:
-        """SIGTERM ``process`` (a relay drains and exits) and require a clean exit."""
-        process.send_signal(signal.SIGTERM)
-        code = self.wait(process, timeout)
-        assert code == 0, f"exit status {code}:\n{self.output_of(process)}"
-
-    def kill_all(self) -> None:
-        for process, _ in self.running:
-            if process.poll() is None:
-                process.kill()
-        for process, _ in self.running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
+    def contents(self) -> dict[str, tuple[str, str, int, int, int]]:
+        """The content of each committed message, by outbox id."""
+        return {outbox_id: record.content for outbox_id, record in self.committed.items()}
 
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    try:
+    with Processes(tmp_path, SCRIPT, stop_timeout=40.0, poll_interval=0.05) as procs:
         yield procs
-    finally:
-        procs.kill_all()
 
 
 @pytest.fixture(scope="module")
@@ -169,57 +130,10 @@ def private_pg() -> Iterator[PrivateCluster]:
         cluster.destroy()
 
 
-class RelayProcess(NamedTuple):
-    process: subprocess.Popen[bytes]
-    ready: Path
-    stats: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def totals(self) -> dict[str, int]:
-        data: dict[str, Any] = json.loads(self.stats.read_text())
-        totals: dict[str, int] = data["totals"]
-        return totals
-
-
 def start_relay(
     procs: Processes, name: str, dsn: str, schema: str, log: Path, *options: str
 ) -> RelayProcess:
-    ready = procs.tmp_path / f"{name}.ready"
-    stats = procs.tmp_path / f"{name}.stats.json"
-    process = procs.start(
-        name,
-        "relay",
-        f"--dsn={dsn}",
-        f"--schema={schema}",
-        f"--log={log}",
-        f"--ready={ready}",
-        f"--stats={stats}",
-        *options,
-    )
-    return RelayProcess(process, ready, stats)
-
-
-def wait_for(
-    condition: Callable[[], bool],
-    what: str,
-    timeout: float,
-    procs: Processes,
-    alive: Iterable[subprocess.Popen[bytes]] = (),
-    interval: float = 0.05,
-) -> float:
-    """Poll ``condition`` until true and return the seconds it took; fail after ``timeout`` or
-    as soon as a process of ``alive`` died."""
-    watched = list(alive)
-    start = time.monotonic()
-    while not condition():
-        procs.check_alive(*watched)
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
+    return procs.start_relay(name, log, f"--dsn={dsn}", f"--schema={schema}", *options)
 
 
 def migrate(dsn: str, schema: str) -> None:
@@ -233,6 +147,25 @@ def outbox_count(dsn: str, schema: str) -> int:
         row = conn.execute(f'SELECT count(*) FROM "{schema}".outbox').fetchone()
         assert row is not None
         return int(row[0])
+
+
+def wait_until_drained(
+    procs: Processes,
+    dsn: str,
+    schema: str,
+    relays: Iterable[RelayProcess],
+    what: str,
+    timeout: float,
+) -> float:
+    """Wait, with ``relays`` alive, until the outbox is empty: every message published and
+    acknowledged. Return the seconds it took."""
+    return procs.wait_for(
+        lambda: outbox_count(dsn, schema) == 0,
+        what,
+        timeout,
+        (r.process for r in relays),
+        interval=0.2,
+    )
 
 
 def listening(dsn: str, app_name: str) -> bool:
@@ -294,8 +227,7 @@ def finish_writers(
     rolled_back: set[tuple[int, int]] = set()
     transactions: set[tuple[int, float]] = set()
     for _, out in writers:
-        for row in out.read_text().splitlines():
-            state, outbox_id, topic, key, writer, seq, crc, started, done = row.split("\t")
+        for state, outbox_id, topic, key, writer, seq, crc, started, done in read_rows(out, tuple):
             if state == "C":
                 assert outbox_id not in committed, f"outbox id {outbox_id} given twice"
                 committed[outbox_id] = Record(
@@ -308,54 +240,13 @@ def finish_writers(
 
 
 def read_log(log: Path) -> list[Line]:
-    if not log.exists():
-        return []
-    lines = []
-    for row in log.read_text().splitlines():
-        outbox_id, topic, key, writer, seq, crc, pid, at = row.split("\t")
-        lines.append(
-            Line(outbox_id, topic, key, int(writer), int(seq), int(crc), int(pid), float(at))
-        )
-    return lines
-
-
-def log_size(log: Path) -> int:
-    """Lines in the log so far (cheap: counts newlines)."""
-    if not log.exists():
-        return 0
-    return log.read_bytes().count(b"\n")
-
-
-def check_identity(lines: list[Line], written: Written) -> None:
-    """Every line is a committed message, under its own outbox id and with its own payload (so
-    every duplicate carries the same id and bytes); none was rolled back; none is missing."""
-    wrong = [
-        line
-        for line in lines
-        if line.outbox_id not in written.committed
-        or written.committed[line.outbox_id].content != line.content
-    ]
-    assert not wrong, f"{len(wrong)} published lines do not match what was committed: {wrong[:5]}"
-    leaked = sorted({(line.writer, line.seq) for line in lines} & written.rolled_back)
-    assert not leaked, f"messages of rolled-back transactions were published: {leaked[:10]}"
-    missing = set(written.committed) - {line.outbox_id for line in lines}
-    assert not missing, f"{len(missing)} committed messages never published: {sorted(missing)[:10]}"
-
-
-def first_publications(lines: Iterable[Line]) -> list[Line]:
-    seen: set[str] = set()
-    firsts = []
-    for line in lines:
-        if line.outbox_id not in seen:
-            seen.add(line.outbox_id)
-            firsts.append(line)
-    return firsts
+    return read_rows(log, Line.from_fields)
 
 
 def check_order(lines: list[Line], written: Written) -> None:
     """Per key: each writer's messages in its order, and nothing before a message of its key
     that committed before it was written (``lines`` without duplicates)."""
-    by_sequence: dict[Sequence_, list[Line]] = defaultdict(list)
+    by_sequence: dict[OrderingSequence, list[Line]] = defaultdict(list)
     for line in lines:
         by_sequence[line.sequence].append(line)
     writer_order: list[tuple[Line, int]] = []
@@ -393,10 +284,6 @@ def check_order(lines: list[Line], written: Written) -> None:
     )
 
 
-def duplicates_of(lines: Iterable[Line]) -> dict[str, int]:
-    return {i: n for i, n in Counter(line.outbox_id for line in lines).items() if n > 1}
-
-
 def describe_duplicates(lines: list[Line], duplicates: dict[str, int]) -> str:
     """Who published a few duplicated messages, and when (for a failure message)."""
     where: dict[str, list[str]] = defaultdict(list)
@@ -420,11 +307,10 @@ def test_three_relays_publish_50000_concurrent_messages_once_in_order(
         processes, pg_dsn, pg_schema, 50_000, processes=2, threads=2, seed=1
     )  # four concurrent writers, 1-4 messages per transaction, 5% rolled back
     # The relays start on a backlog, as after a deployment, and drain it while writes go on.
-    wait_for(
+    processes.wait_for(
         lambda: outbox_count(pg_dsn, pg_schema) >= 20_000,
         "a backlog of 20,000 messages",
         60,
-        processes,
         (w for w, _ in writers),
         interval=0.2,
     )
@@ -444,13 +330,13 @@ def test_three_relays_publish_50000_concurrent_messages_once_in_order(
     ]
     written = finish_writers(processes, writers, 120)
     wrote_in = time.monotonic() - began
-    drained_in = wait_for(
-        lambda: outbox_count(pg_dsn, pg_schema) == 0,
+    drained_in = wait_until_drained(
+        processes,
+        pg_dsn,
+        pg_schema,
+        relays,
         "every committed message to be published and acknowledged",
         90,
-        processes,
-        (r.process for r in relays),
-        interval=0.2,
     )
     for relay in relays:
         processes.stop(relay.process)
@@ -469,13 +355,7 @@ def test_three_relays_publish_50000_concurrent_messages_once_in_order(
         f"{drained_in:.1f}s later; {len(lines)} publications, {len(duplicates)} duplicated; "
         f"per relay: {dict(per_relay)}; totals: {totals}"
     )
-    for relay in relays:
-        assert totals[relay.pid]["published"] == per_relay[relay.pid], totals
-        assert totals[relay.pid]["store_errors"] == 0, totals
-        assert totals[relay.pid]["failed"] == 0, totals
-    assert all(per_relay[relay.pid] > 0 for relay in relays), (
-        f"a relay did no work: {dict(per_relay)}"
-    )
+    check_relay_totals(relays, per_relay, totals)
     assert not duplicates, (
         f"{len(duplicates)} messages published more than once in steady state (no crash, no "
         f"restart), e.g. {describe_duplicates(lines, duplicates)}"
@@ -536,13 +416,8 @@ def test_relays_killed_at_random_lose_nothing_and_keep_order(
         )
     killed_for = time.monotonic() - began
     written_during = finish_writers(processes, trickle, 60)
-    drained_in = wait_for(
-        lambda: outbox_count(pg_dsn, pg_schema) == 0,
-        "the surviving relays to publish everything",
-        60,
-        processes,
-        (r.process for r in relays),
-        interval=0.2,
+    drained_in = wait_until_drained(
+        processes, pg_dsn, pg_schema, relays, "the surviving relays to publish everything", 60
     )
     for relay in relays:
         processes.stop(relay.process)
@@ -592,8 +467,8 @@ def test_relay_rides_out_a_postgres_restart(
         "--app-name=relay_b",
     )  # fmt: skip
     both = (relay_a.process, relay_b.process)
-    wait_for(lambda: listening(dsn, "relay_b"), "relay B to LISTEN", 20, processes, both)
-    wait_for(lambda: log_size(log) >= 3_000, "the drain to be under way", 30, processes, both)
+    processes.wait_for(lambda: listening(dsn, "relay_b"), "relay B to LISTEN", 20, both)
+    processes.wait_for(lambda: log_size(log) >= 3_000, "the drain to be under way", 30, both)
 
     published_at_stop = log_size(log)
     private_pg.stop("immediate")
@@ -644,7 +519,7 @@ def test_relay_rides_out_a_postgres_restart(
         def published(outbox_id: str = outbox_id) -> bool:
             return any(line.outbox_id == outbox_id for line in read_log(log))
 
-        wait_for(published, f"probe {n + 1} to be published", 10, processes, [relay_b.process])
+        processes.wait_for(published, f"probe {n + 1} to be published", 10, [relay_b.process])
         at = next(line.at for line in read_log(log) if line.outbox_id == outbox_id)
         latencies.append(at - committed)
     processes.stop(relay_b.process)

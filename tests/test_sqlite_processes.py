@@ -8,28 +8,32 @@ tests then read the log and the writer's record. Nothing is mocked.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pytest
+from process_support import (
+    OrderingSequence,
+    Processes,
+    RelayProcess,
+    check_identity,
+    check_relay_totals,
+    duplicates_of,
+    first_publications,
+    read_rows,
+)
 
 from outboxbind.stores.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.slow
 
-HELPER = Path(__file__).with_name("relay_process.py")
-NO_KEY = "-"
-
-Sequence_ = tuple[str, str]  # (topic, ordering key or "-")
+SCRIPT = Path(__file__).with_name("relay_process.py")
 
 
 class Line(NamedTuple):
@@ -41,135 +45,51 @@ class Line(NamedTuple):
     seq: int
     pid: int
 
+    @classmethod
+    def from_fields(cls, fields: list[str]) -> Line:
+        outbox_id, topic, key, seq, pid = fields
+        return cls(outbox_id, topic, key, int(seq), int(pid))
+
     @property
-    def sequence(self) -> Sequence_:
+    def sequence(self) -> OrderingSequence:
         return (self.topic, self.key)
+
+    @property
+    def content(self) -> tuple[str, str, int]:
+        return (self.topic, self.key, self.seq)
+
+    @property
+    def serial(self) -> int:
+        return self.seq
 
 
 class Written(NamedTuple):
-    """What the writer process committed (by outbox id) and rolled back (by sequence number)."""
+    """What the writer process committed (by outbox id: topic, key, sequence number) and rolled
+    back (by sequence number)."""
 
     committed: dict[str, tuple[str, str, int]]
     rolled_back: set[int]
 
-    def expected(self) -> dict[Sequence_, list[int]]:
+    def contents(self) -> dict[str, tuple[str, str, int]]:
+        """The content of each committed message (topic, key, sequence number), by outbox id."""
+        return self.committed
+
+    def expected(self) -> dict[OrderingSequence, list[int]]:
         """Per sequence, the committed sequence numbers in commit order."""
-        by_sequence: dict[Sequence_, list[tuple[int, int]]] = defaultdict(list)
+        by_sequence: dict[OrderingSequence, list[tuple[int, int]]] = defaultdict(list)
         for outbox_id, (topic, key, seq) in self.committed.items():
             by_sequence[(topic, key)].append((int(outbox_id), seq))
         return {s: [seq for _, seq in sorted(items)] for s, items in by_sequence.items()}
 
 
-class Processes:
-    """The subprocesses a test started; every one still running is killed at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        stderr = self.tmp_path / f"{name}.stderr"
-        with open(stderr, "wb") as err:
-            process = subprocess.Popen(
-                [sys.executable, str(HELPER), *args],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-            )
-        self.running.append((name, process, stderr))
-        return process
-
-    def stderr_of(self, process: subprocess.Popen[bytes]) -> str:
-        for _, candidate, stderr in self.running:
-            if candidate is process:
-                return stderr.read_text(errors="replace")[-4000:]
-        return ""
-
-    def check_alive(self, *processes: subprocess.Popen[bytes]) -> None:
-        """Fail at once, with its output, if one of ``processes`` has exited."""
-        for process in processes:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"process {process.args!r} exited early with {process.returncode}:\n"
-                    + self.stderr_of(process)
-                )
-
-    def wait(self, process: subprocess.Popen[bytes], timeout: float) -> int:
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process {process.args!r} did not exit within {timeout}s")
-
-    def stop(self, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-        """SIGTERM ``process`` (a relay drains and exits) and require a clean exit."""
-        process.send_signal(signal.SIGTERM)
-        code = self.wait(process, timeout)
-        assert code == 0, f"exit status {code}:\n{self.stderr_of(process)}"
-
-    def kill_all(self) -> None:
-        for _, process, _ in self.running:
-            if process.poll() is None:
-                process.kill()
-        for _, process, _ in self.running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
-
-
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    try:
+    with Processes(tmp_path, SCRIPT, stop_timeout=30.0, poll_interval=0.02) as procs:
         yield procs
-    finally:
-        procs.kill_all()
-
-
-class RelayProcess(NamedTuple):
-    process: subprocess.Popen[bytes]
-    ready: Path
-    stats: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def totals(self) -> dict[str, int]:
-        data: dict[str, Any] = json.loads(self.stats.read_text())
-        totals: dict[str, int] = data["totals"]
-        return totals
 
 
 def start_relay(procs: Processes, name: str, db: Path, log: Path, *options: str) -> RelayProcess:
-    ready = procs.tmp_path / f"{name}.ready"
-    stats = procs.tmp_path / f"{name}.stats.json"
-    process = procs.start(
-        name,
-        "relay",
-        f"--db={db}",
-        f"--log={log}",
-        f"--ready={ready}",
-        f"--stats={stats}",
-        "--poll-interval=0.05",
-        *options,
-    )
-    return RelayProcess(process, ready, stats)
-
-
-def wait_for(
-    condition: Callable[[], bool],
-    what: str,
-    timeout: float,
-    procs: Processes,
-    alive: Iterable[subprocess.Popen[bytes]] = (),
-) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` or when a process of ``alive`` died."""
-    watched = list(alive)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        procs.check_alive(*watched)
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return procs.start_relay(name, log, f"--db={db}", "--poll-interval=0.05", *options)
 
 
 def write_messages(procs: Processes, db: Path, count: int, seed: int, *options: str) -> Written:
@@ -185,11 +105,10 @@ def write_messages(procs: Processes, db: Path, count: int, seed: int, *options: 
         *options,
     )
     code = procs.wait(writer, 60)
-    assert code == 0, f"writer failed with {code}:\n{procs.stderr_of(writer)}"
+    assert code == 0, f"writer failed with {code}:\n{procs.output_of(writer)}"
     committed: dict[str, tuple[str, str, int]] = {}
     rolled_back: set[int] = set()
-    for row in out.read_text().splitlines():
-        state, outbox_id, topic, key, seq = row.split("\t")
+    for state, outbox_id, topic, key, seq in read_rows(out, tuple):
         if state == "C":
             assert outbox_id not in committed, f"outbox id {outbox_id} given twice"
             committed[outbox_id] = (topic, key, int(seq))
@@ -200,13 +119,7 @@ def write_messages(procs: Processes, db: Path, count: int, seed: int, *options: 
 
 
 def read_log(log: Path) -> list[Line]:
-    if not log.exists():
-        return []
-    lines = []
-    for row in log.read_text().splitlines():
-        outbox_id, topic, key, seq, pid = row.split("\t")
-        lines.append(Line(outbox_id, topic, key, int(seq), int(pid)))
-    return lines
+    return read_rows(log, Line.from_fields)
 
 
 def outbox_ids(db: Path) -> set[str]:
@@ -222,23 +135,9 @@ def create_schema(db: Path) -> None:
     SQLiteStore(db).close()
 
 
-def check_identity(lines: list[Line], written: Written) -> None:
-    """Every line is a committed message, under its own outbox id, with its own payload."""
-    wrong = [
-        line
-        for line in lines
-        if written.committed.get(line.outbox_id) != (line.topic, line.key, line.seq)
-    ]
-    assert not wrong, f"published lines that do not match what was committed: {wrong[:10]}"
-    leaked = sorted({line.seq for line in lines} & written.rolled_back)
-    assert not leaked, f"messages of rolled-back transactions were published: {leaked[:10]}"
-    missing = set(written.committed) - {line.outbox_id for line in lines}
-    assert not missing, f"{len(missing)} committed messages never published: {sorted(missing)[:10]}"
-
-
 def out_of_order(lines: Iterable[Line]) -> list[tuple[Line, int]]:
     """Lines whose sequence number is not above the previous one of their sequence."""
-    last: dict[Sequence_, int] = {}
+    last: dict[OrderingSequence, int] = {}
     bad = []
     for line in lines:
         previous = last.get(line.sequence)
@@ -248,8 +147,8 @@ def out_of_order(lines: Iterable[Line]) -> list[tuple[Line, int]]:
     return bad
 
 
-def by_sequence(lines: Iterable[Line]) -> dict[Sequence_, list[int]]:
-    grouped: dict[Sequence_, list[int]] = defaultdict(list)
+def by_sequence(lines: Iterable[Line]) -> dict[OrderingSequence, list[int]]:
+    grouped: dict[OrderingSequence, list[int]] = defaultdict(list)
     for line in lines:
         grouped[line.sequence].append(line.seq)
     return grouped
@@ -264,21 +163,19 @@ def test_two_relays_publish_each_message_once_in_order(
         start_relay(processes, f"relay-{n}", db, log, "--lease=30", "--batch-size=20")
         for n in (1, 2)
     ]
-    wait_for(
+    processes.wait_for(
         lambda: all(r.ready.exists() for r in relays),
         "both relays to start",
         20,
-        processes,
         (r.process for r in relays),
     )
 
     written = write_messages(processes, db, 3000, 1, "--pause=0.0005")
 
-    wait_for(
+    processes.wait_for(
         lambda: {line.outbox_id for line in read_log(log)} >= written.committed.keys(),
         "every committed message to be published",
         30,
-        processes,
         (r.process for r in relays),
     )
     for relay in relays:
@@ -286,7 +183,7 @@ def test_two_relays_publish_each_message_once_in_order(
 
     lines = read_log(log)
     check_identity(lines, written)
-    duplicates = {i: n for i, n in Counter(line.outbox_id for line in lines).items() if n > 1}
+    duplicates = duplicates_of(lines)
     assert not duplicates, f"{len(duplicates)} messages published twice: {duplicates}"
     bad = out_of_order(lines)
     assert not bad, f"{len(bad)} messages out of order, e.g. {bad[:5]}"
@@ -296,13 +193,7 @@ def test_two_relays_publish_each_message_once_in_order(
     per_relay = Counter(line.pid for line in lines)
     totals = {relay.pid: relay.totals() for relay in relays}
     print(f"messages published per relay pid: {dict(per_relay)}; totals: {totals}")
-    for relay in relays:
-        assert totals[relay.pid]["published"] == per_relay[relay.pid]
-        assert totals[relay.pid]["store_errors"] == 0, totals
-        assert totals[relay.pid]["failed"] == 0, totals
-    assert all(per_relay[relay.pid] > 0 for relay in relays), (
-        f"one relay did all the work: {dict(per_relay)}"
-    )
+    check_relay_totals(relays, per_relay, totals)
 
 
 def test_relay_killed_mid_batch_loses_nothing(tmp_path: Path, processes: Processes) -> None:
@@ -323,7 +214,7 @@ def test_relay_killed_mid_batch_loses_nothing(tmp_path: Path, processes: Process
         "--stall-after=150",
         f"--stall-marker={marker}",
     )
-    wait_for(marker.exists, "relay A to stall mid-batch", 20, processes, [relay_a.process])
+    processes.wait_for(marker.exists, "relay A to stall mid-batch", 20, [relay_a.process])
     relay_a.process.send_signal(signal.SIGKILL)
     assert processes.wait(relay_a.process, 10) == -signal.SIGKILL
 
@@ -338,11 +229,10 @@ def test_relay_killed_mid_batch_loses_nothing(tmp_path: Path, processes: Process
     relay_b = start_relay(
         processes, "relay-b", db, log, "--lease=2", "--publish-timeout=1", "--batch-size=20"
     )
-    wait_for(
+    processes.wait_for(
         lambda: not outbox_ids(db),
         "relay B to publish everything",
         30,
-        processes,
         [relay_b.process],
     )
     recovered_after = time.monotonic() - killed_at
@@ -357,13 +247,7 @@ def test_relay_killed_mid_batch_loses_nothing(tmp_path: Path, processes: Process
     assert duplicates == unacked, f"unacknowledged but not published again: {unacked - duplicates}"
     assert all(counts[i] == 2 for i in duplicates), {i: counts[i] for i in duplicates}
 
-    firsts: list[Line] = []
-    seen: set[str] = set()
-    for line in lines:
-        if line.outbox_id not in seen:
-            seen.add(line.outbox_id)
-            firsts.append(line)
-    bad = out_of_order(firsts)
+    bad = out_of_order(first_publications(lines))
     assert not bad, f"first publications out of order, e.g. {bad[:5]}"
 
     # Each relay kept order, and B took every sequence up from its first unacknowledged message:
@@ -388,7 +272,7 @@ def test_sigterm_drains_then_exits(tmp_path: Path, processes: Processes) -> None
     create_schema(db)
     written = write_messages(processes, db, 400, 3)
     relay = start_relay(processes, "relay", db, log, "--batch-size=10", "--batch-delay=0.02")
-    wait_for(lambda: bool(read_log(log)), "the first publication", 20, processes, [relay.process])
+    processes.wait_for(lambda: bool(read_log(log)), "the first publication", 20, [relay.process])
     published_before_stop = len(read_log(log))
     processes.stop(relay.process)
 
