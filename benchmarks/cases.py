@@ -11,10 +11,14 @@ Bounds are written by hand as the best a relay could do here:
 from __future__ import annotations
 
 import asyncio
+import functools
+import sqlite3
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,6 +28,8 @@ from benchmarks.common import DSN, PAYLOAD, Figure, NullTopic, fill, outbox, tim
 from outboxbind import OutboxEntry, Relay, bind
 from outboxbind.stores.postgres import persister
 from outboxbind.stores.postgres.schema import names_for
+from outboxbind.stores.sqlite import SQLiteStore
+from outboxbind.stores.sqlite import persister as sqlite_persister
 
 Case = Callable[[bool], Figure]
 
@@ -234,3 +240,60 @@ ALL: list[Case] = [
     drain_null(500, 10, keyed=True),
     latency_null,
 ]
+
+
+# -- draining SQLite to a null topic ------------------------------------------------------------
+
+
+def _fill_sqlite(path: Path, count: int) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        write = sqlite_persister(conn)
+        for _ in range(count):
+            write(OutboxEntry("topic", PAYLOAD))
+    conn.close()
+
+
+def _raw_sqlite_drain(path: Path, batch: int) -> int:
+    conn = sqlite3.connect(path, isolation_level=None)
+    statement = (
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?) "
+        "RETURNING id, data"
+    )
+    drained = 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(statement, (batch,)).fetchall()
+        conn.execute("COMMIT")
+        if not rows:
+            conn.close()
+            return drained
+        drained += len(rows)
+
+
+def drain_sqlite(batch: int) -> Case:
+    """The embedded store against a raw ``DELETE ... RETURNING`` loop on the same file."""
+
+    def case(quick: bool) -> Figure:
+        count = 20_000 if quick else 100_000
+        case_values, bound_values = [], []
+        for _ in range(3 if quick else 5):
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "outbox.db"
+                store = SQLiteStore(path)
+                _fill_sqlite(path, count)
+                bound_values.append(timed(functools.partial(_raw_sqlite_drain, path, batch)))
+                _fill_sqlite(path, count)
+                run = functools.partial(_relay_drain, store, [NullTopic("topic")], batch, count)
+                case_values.append(timed(run))
+                store.close()
+        return Figure(
+            f"drain SQLite -> null, batch {batch}, 1 topic", "raw drain", "msgs/s",
+            case_values, bound_values, higher_is_better=True, target=None,
+        )  # fmt: skip
+
+    case.__name__ = f"drain_sqlite_b{batch}"
+    return case
+
+
+ALL.append(drain_sqlite(500))
