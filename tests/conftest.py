@@ -85,3 +85,27 @@ def pubsub_host() -> Iterator[str]:
     finally:
         del os.environ["PUBSUB_EMULATOR_HOST"]
         emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A running Redis (started if it is installed but down)."""
+    from services import ensure_redis
+
+    return ensure_redis()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix for one test's outbox; its keys are deleted afterwards."""
+    import redis as redis_py
+
+    prefix = f"obtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis_py.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    finally:
+        client.close()

@@ -57,3 +57,47 @@ def ensure_postgres() -> str:
             return dsn
         time.sleep(0.2)
     raise RuntimeError(f"started PostgreSQL {versions[-1]}, but {dsn!r} does not answer")
+
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_ready(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+def ensure_redis() -> str:
+    """Return the URL of a running Redis: ``OUTBOXBIND_REDIS_URL``, or 127.0.0.1:6379, started
+    with ``redis-server`` (no persistence, loopback only) when it is installed but down."""
+    url = os.environ.get("OUTBOXBIND_REDIS_URL", DEFAULT_REDIS_URL)
+    if _redis_ready(url):
+        return url
+    if "OUTBOXBIND_REDIS_URL" in os.environ:
+        raise RuntimeError(f"OUTBOXBIND_REDIS_URL={url!r} does not answer")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError(
+            "Redis is not running on 127.0.0.1:6379 and redis-server is not installed; "
+            "install Redis or set OUTBOXBIND_REDIS_URL"
+        )
+    subprocess.run(
+        [server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+         "--save", "", "--appendonly", "no"],
+        check=False,
+        capture_output=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if _redis_ready(url):
+            return url
+        time.sleep(0.1)
+    raise RuntimeError(f"started redis-server, but {url!r} does not answer")

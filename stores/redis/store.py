@@ -1,0 +1,526 @@
+"""The Redis store: the relay's side of an outbox kept in Redis.
+
+Checkout and close are Lua scripts, so each is atomic: a checkout leases the due sequences it
+takes (a fencing token from a counter, and an expiry), and a close applies a batch's marks to
+the sequences whose token still matches, and nothing to the others. One logic serves both
+faces: :class:`_Logic` builds every script's arguments and reads every reply;
+:class:`RedisStore` and :class:`AsyncRedisStore` only run them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from outboxbind.errors import ConfigurationError, LeaseLost
+from outboxbind.messages import PersistedMessage
+from outboxbind.store import (
+    AsyncBufferedBatch,
+    BufferedBatch,
+    DeadLetter,
+    SequenceKey,
+    TopicBacklog,
+    round_robin,
+)
+from outboxbind.stores.redis._scripts import (
+    DEFAULT_PREFIX,
+    check_prefix,
+    decode_name,
+    encode_name,
+    script,
+    wakeup_channel,
+)
+
+__all__ = ["AsyncRedisBatch", "AsyncRedisStore", "RedisBatch", "RedisStore"]
+
+log = logging.getLogger("outboxbind.stores.redis")
+
+SCRIPTS = ("checkout", "close", "dead_letters", "replay", "purge", "backlog")
+
+MAX_ERROR_CHARS = 2000
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _seconds(value: bytes | str | None) -> float:
+    text = _text(value)
+    return float(text) if text else 0.0
+
+
+def _error_text(detail: str | None) -> str:
+    text = (detail or "")[:MAX_ERROR_CHARS]
+    return text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates for cjson
+
+
+class _Logic:
+    """The store's logic without I/O: script arguments in, replies out, shared by both faces."""
+
+    def __init__(
+        self, prefix: str, lease_duration: float, clock: Callable[[], float] | None
+    ) -> None:
+        if not isinstance(lease_duration, int | float) or lease_duration <= 0:
+            raise ConfigurationError(f"lease_duration must be positive, not {lease_duration!r}")
+        self.prefix = check_prefix(prefix)
+        self.lease_duration = float(lease_duration)
+        self.clock = clock
+        self.channel = wakeup_channel(self.prefix)
+
+    def now_arg(self) -> str:
+        """The time the scripts use: the test clock's, or '' for the server's ``TIME``."""
+        return "" if self.clock is None else repr(float(self.clock()))
+
+    def checkout_args(self, topic_names: Sequence[str], limit: int) -> list[str]:
+        topics = sorted({encode_name(topic) for topic in topic_names})
+        nonce = secrets.token_hex(8)  # tokens stay unique even if the counter is ever lost
+        return [self.prefix, self.now_arg(), repr(self.lease_duration), str(limit), nonce, *topics]
+
+    def checked_out(
+        self, reply: Any, limit: int
+    ) -> tuple[list[PersistedMessage], dict[SequenceKey, str]] | None:
+        """The batch's messages and tokens from a checkout's reply; None when it took nothing."""
+        sequences = reply[1:]
+        if not sequences:
+            return None
+        tokens: dict[SequenceKey, str] = {}
+        by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
+        for th, kh, token, *rows in sequences:
+            sequence = (decode_name(th), decode_name(kh))
+            tokens[sequence] = _text(token)
+            by_sequence[sequence] = [self.message(row) for row in rows]
+        return round_robin(by_sequence, limit), tokens
+
+    @staticmethod
+    def message(row: Sequence[Any]) -> PersistedMessage:
+        id_, topic, key, data, attributes, created, attempts = row[:7]
+        attrs_text = _text(attributes)
+        return PersistedMessage(
+            id=_text(id_),
+            topic=_text(topic),
+            data=bytes(data) if data is not None else b"",
+            attributes=json.loads(attrs_text) if attrs_text else None,
+            ordering_key=_text(key) or None,
+            created_at=datetime.fromtimestamp(_seconds(created), UTC),
+            attempts=int(_text(attempts) or 0),
+        )
+
+    def close_args(self, batch: BufferedBatch | AsyncBufferedBatch) -> list[str]:
+        payload = []
+        for sequence, token in batch.tokens.items():
+            topic, key = sequence
+            outcomes = [
+                [
+                    kind,
+                    message.id,
+                    _error_text(detail) if kind != "published" else "",
+                    None if retry_after is None else retry_after.total_seconds(),
+                ]
+                for kind, message, detail, retry_after in batch.outcomes.get(sequence, [])
+            ]
+            payload.append([encode_name(topic), encode_name(key), token, outcomes])
+        return [self.prefix, self.now_arg(), json.dumps(payload)]
+
+    def check_lost(self, reply: Any) -> None:
+        lost = [(decode_name(th), decode_name(kh)) for th, kh in reply]
+        if lost:
+            names = ", ".join(f"{t!r}/{k!r}" if k else f"{t!r}" for t, k in sorted(lost))
+            raise LeaseLost(
+                f"Redis outbox {self.prefix!r}: the lease of {names} was taken over by another "
+                "relay; this batch's marks for them were dropped"
+            )
+
+    def dead_letters_args(self, topic: str | None, limit: int) -> list[str]:
+        return [self.prefix, "" if topic is None else encode_name(topic), str(max(0, limit))]
+
+    def dead_letter(self, row: Sequence[Any]) -> DeadLetter:
+        error, failed_at, state = row[7:10]
+        state_text: Literal["parked", "blocked"] = (
+            "parked" if _text(state) == "parked" else "blocked"
+        )
+        return DeadLetter(
+            message=self.message(row),
+            error=_text(error),
+            state=state_text,
+            since=datetime.fromtimestamp(_seconds(failed_at), UTC),
+        )
+
+    def ids_args(self, ids: Sequence[str]) -> list[str]:
+        if isinstance(ids, str):
+            raise TypeError("pass a list of outbox ids, not one string")
+        return [self.prefix, self.now_arg(), *(str(id_) for id_ in ids)]
+
+    def backlog_args(self) -> list[str]:
+        return [self.prefix, self.now_arg()]
+
+    def backlog(self, reply: Any) -> list[TopicBacklog]:
+        now = None if self.clock is None else self.clock()
+        rows = []
+        for th, pending, oldest, dead in reply:
+            oldest_at = _text(oldest)
+            if not oldest_at:
+                age = 0.0
+            else:
+                reference = now if now is not None else datetime.now(UTC).timestamp()
+                age = max(0.0, reference - float(oldest_at))
+            rows.append(TopicBacklog(decode_name(th), int(pending), age, int(dead)))
+        return sorted(rows, key=lambda b: b.topic)
+
+
+def _check_client(client: object, expected: type, face: str) -> None:
+    if not isinstance(client, expected):
+        other = "AsyncRedisStore" if face == "RedisStore" else "RedisStore"
+        raise TypeError(
+            f"{face} needs a {expected.__module__}.{expected.__name__}, not "
+            f"{type(client).__name__} (for the other kind of client use {other})"
+        )
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", {}) or {}
+    if kwargs.get("decode_responses"):
+        raise ConfigurationError(
+            f"{face} needs a client with decode_responses=False: message payloads are bytes"
+        )
+
+
+# -- wake-ups ------------------------------------------------------------------------------------
+
+_SAFE_KWARGS = (
+    "host",
+    "port",
+    "path",
+    "db",
+    "username",
+    "password",
+    "socket_connect_timeout",
+    "client_name",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_check_hostname",
+)
+
+
+def _listener_client_factory(client: object) -> Callable[[], redis.Redis]:
+    """How to open the subscriber's own connection, with the client's connection settings."""
+    pool: Any = getattr(client, "connection_pool", None)
+    kwargs: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}) or {})
+    class_name = getattr(getattr(pool, "connection_class", None), "__name__", "Connection")
+    connection_class: type[redis.connection.AbstractConnection] = {
+        "SSLConnection": redis.SSLConnection,
+        "UnixDomainSocketConnection": redis.UnixDomainSocketConnection,
+    }.get(class_name, redis.Connection)
+    settings = {k: v for k, v in kwargs.items() if k in _SAFE_KWARGS}
+    if class_name == "UnixDomainSocketConnection":
+        settings.pop("host", None)
+        settings.pop("port", None)
+    else:
+        settings.pop("path", None)
+
+    def connect() -> redis.Redis:
+        pool = redis.ConnectionPool(
+            connection_class=connection_class,
+            retry=Retry(NoBackoff(), 0),  # errors surface here: we reconnect and wake ourselves
+            socket_keepalive=True,
+            **settings,
+        )
+        return redis.Redis(connection_pool=pool)
+
+    return connect
+
+
+class _Subscriber:
+    """A thread with its own connection SUBSCRIBEd to the outbox's wake-up channel.
+
+    Reconnects by itself, with backoff, after the server restarts; after a (re)connect it wakes
+    the relays once, since wake-ups published meanwhile are lost.
+    """
+
+    def __init__(self, connect: Callable[[], redis.Redis], channel: str) -> None:
+        self.connect = connect
+        self.channel = channel
+        self.callbacks: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        with self.lock:
+            self.callbacks.append(callback)
+            if self.thread is None:
+                self.stopping.clear()
+                self.thread = threading.Thread(
+                    target=self._run, name=f"outboxbind-redis-{self.channel}", daemon=True
+                )
+                self.thread.start()
+
+        def unsubscribe() -> None:
+            with self.lock:
+                if callback in self.callbacks:
+                    self.callbacks.remove(callback)
+                if self.callbacks or self.thread is None:
+                    return
+                self.stopping.set()
+                thread, self.thread = self.thread, None
+            thread.join(5)
+
+        return unsubscribe
+
+    def _wake(self) -> None:
+        with self.lock:
+            callbacks = list(self.callbacks)
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a wake-up is a hint
+                log.exception("an outbox wake-up callback failed")
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self.stopping.is_set():
+            client = self.connect()
+            pubsub: Any = cast(Any, client).pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                self.connected.set()
+                if backoff > 0.1:
+                    log.warning("outbox wake-up subscription to %r is back", self.channel)
+                backoff = 0.1
+                self._wake()  # anything committed while we were not subscribed
+                while not self.stopping.is_set():
+                    if pubsub.get_message(timeout=0.25) is not None:
+                        self._wake()
+            except (redis.RedisError, OSError) as exc:
+                self.connected.clear()
+                if self.stopping.is_set():
+                    break
+                log.warning(
+                    "outbox wake-up subscription to %r lost, reconnecting in %.1fs "
+                    "(polling goes on): %s",
+                    self.channel,
+                    backoff,
+                    exc,
+                )
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                try:
+                    pubsub.close()
+                    client.close()
+                except (redis.RedisError, OSError):
+                    pass
+        self.connected.clear()
+
+
+# -- the sync face -------------------------------------------------------------------------------
+
+
+class RedisBatch(BufferedBatch):
+    """Messages leased from a :class:`RedisStore`; marks are applied on close (one script)."""
+
+    def __init__(
+        self, store: RedisStore, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._store = store
+
+    def _apply(self) -> None:
+        self._store._close_batch(self)
+
+
+class RedisStore:
+    """An outbox in Redis, for relays: leased sequences with fencing tokens, Pub/Sub wake-ups.
+
+    Writers queue entries with :func:`~outboxbind.stores.redis.persister` in their
+    ``MULTI``/``EXEC`` transactions; the store's keys all start with ``prefix + ":"`` (see
+    ``docs/redis.md`` for the layout). Several relays (threads or processes) may share one
+    outbox: each checkout leases the sequences it takes for ``lease_duration`` seconds.
+
+    Args:
+        client: a ``redis.Redis`` client with ``decode_responses=False`` (the default).
+        prefix: the key prefix; the persisters must use the same one. In Redis Cluster, make it
+            a hash tag (``"{outbox}"``) so that every key of the outbox is in one slot.
+        lease_duration: seconds a batch holds its sequences; at least twice the relay's publish
+            timeout.
+        clock: a time source in unix seconds, for tests; by default the server's ``TIME``.
+        wakeup_client: a factory of the client the wake-up subscriber uses (by default one with
+            the connection settings of ``client``'s pool).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        lease_duration: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        wakeup_client: Callable[[], redis.Redis] | None = None,
+    ) -> None:
+        _check_client(client, redis.Redis, "RedisStore")
+        self.client = client
+        self._l = _Logic(prefix, lease_duration, clock)
+        self._scripts = {name: client.register_script(script(name)) for name in SCRIPTS}
+        self._subscriber = _Subscriber(
+            wakeup_client or _listener_client_factory(client), self._l.channel
+        )
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of this outbox."""
+        return self._l.prefix
+
+    @property
+    def lease_duration(self) -> float:
+        """Seconds a batch holds its sequences."""
+        return self._l.lease_duration
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self._l.prefix!r})"
+
+    def _run(self, name: str, args: list[str]) -> Any:
+        return self._scripts[name](keys=[], args=args)
+
+    def checkout_batch(self, topic_names: Sequence[str], limit: int) -> RedisBatch | None:
+        """Lease up to ``limit`` due messages of ``topic_names`` in one script.
+
+        The due sequences that have waited longest go first; up to ``limit`` of them share
+        ``limit`` evenly, each with a prefix of its due messages.
+        """
+        if not topic_names or limit <= 0:
+            return None
+        reply = self._run("checkout", self._l.checkout_args(topic_names, limit))
+        taken = self._l.checked_out(reply, limit)
+        return None if taken is None else RedisBatch(self, *taken)
+
+    def _close_batch(self, batch: RedisBatch) -> None:
+        self._l.check_lost(self._run("close", self._l.close_args(batch)))
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Wake ``callback`` (from a subscriber thread) when a transaction with an outbox entry
+        is executed; the subscriber reconnects by itself after a server restart."""
+        return self._subscriber.subscribe(callback)
+
+    def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Parked and blocked messages, oldest first, of one topic or all."""
+        rows = self._run("dead_letters", self._l.dead_letters_args(topic, limit))
+        return [self._l.dead_letter(row) for row in rows]
+
+    def replay_dead_letters(self, ids: Sequence[str]) -> int:
+        """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        return int(self._run("replay", self._l.ids_args(ids)))
+
+    def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete parked or blocked messages for good."""
+        return int(self._run("purge", self._l.ids_args(ids)))
+
+    def backlog(self) -> list[TopicBacklog]:
+        """Pending, oldest pending age and dead letters, per topic."""
+        return self._l.backlog(self._run("backlog", self._l.backlog_args()))
+
+
+# -- the asyncio face ----------------------------------------------------------------------------
+
+
+class AsyncRedisBatch(AsyncBufferedBatch):
+    """Messages leased from an :class:`AsyncRedisStore`; marks are applied on close."""
+
+    def __init__(
+        self,
+        store: AsyncRedisStore,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._store = store
+
+    async def _apply(self) -> None:
+        await self._store._close_batch(self)
+
+
+class AsyncRedisStore:
+    """The asyncio twin of :class:`RedisStore`, over a ``redis.asyncio.Redis`` client.
+
+    Same arguments and behaviour; every method is a coroutine but :meth:`subscribe_wakeups`
+    (whose subscriber is a thread with a connection of its own).
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        lease_duration: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        wakeup_client: Callable[[], redis.Redis] | None = None,
+    ) -> None:
+        _check_client(client, redis.asyncio.Redis, "AsyncRedisStore")
+        self.client = client
+        self._l = _Logic(prefix, lease_duration, clock)
+        self._scripts = {name: client.register_script(script(name)) for name in SCRIPTS}
+        self._subscriber = _Subscriber(
+            wakeup_client or _listener_client_factory(client), self._l.channel
+        )
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of this outbox."""
+        return self._l.prefix
+
+    @property
+    def lease_duration(self) -> float:
+        """Seconds a batch holds its sequences."""
+        return self._l.lease_duration
+
+    def __repr__(self) -> str:
+        return f"AsyncRedisStore(prefix={self._l.prefix!r})"
+
+    async def _run(self, name: str, args: list[str]) -> Any:
+        return await cast(Any, self._scripts[name])(keys=[], args=args)
+
+    async def checkout_batch(
+        self, topic_names: Sequence[str], limit: int
+    ) -> AsyncRedisBatch | None:
+        """See :meth:`RedisStore.checkout_batch`."""
+        if not topic_names or limit <= 0:
+            return None
+        reply = await self._run("checkout", self._l.checkout_args(topic_names, limit))
+        taken = self._l.checked_out(reply, limit)
+        return None if taken is None else AsyncRedisBatch(self, *taken)
+
+    async def _close_batch(self, batch: AsyncRedisBatch) -> None:
+        self._l.check_lost(await self._run("close", self._l.close_args(batch)))
+
+    def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """See :meth:`RedisStore.subscribe_wakeups`."""
+        return self._subscriber.subscribe(callback)
+
+    async def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Parked and blocked messages, oldest first, of one topic or all."""
+        rows = await self._run("dead_letters", self._l.dead_letters_args(topic, limit))
+        return [self._l.dead_letter(row) for row in rows]
+
+    async def replay_dead_letters(self, ids: Sequence[str]) -> int:
+        """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        return int(await self._run("replay", self._l.ids_args(ids)))
+
+    async def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete parked or blocked messages for good."""
+        return int(await self._run("purge", self._l.ids_args(ids)))
+
+    async def backlog(self) -> list[TopicBacklog]:
+        """Pending, oldest pending age and dead letters, per topic."""
+        return self._l.backlog(await self._run("backlog", self._l.backlog_args()))
