@@ -329,6 +329,28 @@ def test_the_relay_publishes_to_an_in_memory_topic_in_order(
     assert first.attributes["outbox-id"] == ids[0]
 
 
+def test_an_unreadable_entry_is_parked_and_blocks_nothing(
+    client: redis.Redis, redis_prefix: str, store: RedisStore
+) -> None:
+    topic = order_topic()
+    with client.pipeline(transaction=True) as pipe:
+        bound = bind(topic, persister(pipe, prefix=redis_prefix))
+        broken = bound.publish(OrderPlaced(1, "ann"))
+        later = bound.publish(OrderPlaced(2, "ann"))
+        other = bound.publish(OrderPlaced(3, "bob"))
+        pipe.execute()
+    client.hset(f"{redis_prefix}:m:{broken}", "attrs", "{not json")  # changed by hand
+    relay = Relay(store, publish_timeout=2)
+    relay.register_topic(topic)
+    for _ in range(5):
+        if relay.process_messages().checked_out == 0:
+            break
+    assert sorted(topic.outbox_ids()) == sorted([later, other])
+    [dead] = store.dead_letters()
+    assert (dead.message.id, dead.state) == (broken, "parked")
+    assert f"unreadable outbox entry {broken} under {redis_prefix!r}: JSONDecodeError" in dead.error
+
+
 def test_the_relay_publishes_to_a_redis_stream(
     client: redis.Redis, redis_prefix: str, store: RedisStore
 ) -> None:

@@ -66,6 +66,9 @@ def _error_text(detail: str | None) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates for cjson
 
 
+Unreadable = tuple[PersistedMessage, str]  # a stand-in for an entry that cannot be read, and why
+
+
 class _Logic:
     """The store's logic without I/O: script arguments in, replies out, shared by both faces."""
 
@@ -90,18 +93,49 @@ class _Logic:
 
     def checked_out(
         self, reply: Any, limit: int
-    ) -> tuple[list[PersistedMessage], dict[SequenceKey, str]] | None:
-        """The batch's messages and tokens from a checkout's reply; None when it took nothing."""
+    ) -> tuple[list[PersistedMessage], dict[SequenceKey, str], list[Unreadable]] | None:
+        """The batch's messages, tokens and unreadable entries from a checkout's reply; None
+        when it took nothing."""
         sequences = reply[1:]
         if not sequences:
             return None
         tokens: dict[SequenceKey, str] = {}
         by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
+        unreadable: list[Unreadable] = []
         for th, kh, token, *rows in sequences:
             sequence = (decode_name(th), decode_name(kh))
             tokens[sequence] = _text(token)
-            by_sequence[sequence] = [self.message(row) for row in rows]
-        return round_robin(by_sequence, limit), tokens
+            messages = by_sequence.setdefault(sequence, [])
+            for row in rows:
+                try:
+                    messages.append(self.message(row))
+                except Exception as exc:  # an entry written or changed by hand
+                    unreadable.append(self._unreadable(sequence, row, exc))
+                    break  # the rest of the sequence waits until it has been parked
+        return round_robin(by_sequence, limit), tokens, unreadable
+
+    def _unreadable(
+        self, sequence: SequenceKey, row: Sequence[Any], error: Exception
+    ) -> tuple[PersistedMessage, str]:
+        id_ = _text(row[0])
+        reason = (
+            f"unreadable outbox entry {id_} under {self.prefix!r}: {type(error).__name__}: {error}"
+        )
+        log.error("%s; moved to the dead letters", reason)
+        stand_in = PersistedMessage(
+            id_, sequence[0], b"", None, sequence[1] or None, datetime.now(UTC), 0
+        )
+        return stand_in, reason
+
+    @staticmethod
+    def park_unreadable(
+        batch: BufferedBatch | AsyncBufferedBatch, unreadable: list[Unreadable]
+    ) -> None:
+        """Mark the entries that could not be read as dead: the batch's close parks them."""
+        for stand_in, reason in unreadable:
+            batch.outcomes.setdefault(stand_in.sequence, []).append(
+                ("dead", stand_in, reason, None)
+            )
 
     @staticmethod
     def message(row: Sequence[Any]) -> PersistedMessage:
@@ -150,8 +184,15 @@ class _Logic:
         state_text: Literal["parked", "blocked"] = (
             "parked" if _text(state) == "parked" else "blocked"
         )
+        try:
+            message = self.message(row)
+        except Exception:  # parked because it was unreadable: shown as best it can be
+            message = PersistedMessage(
+                _text(row[0]), _text(row[1]), b"", None, _text(row[2]) or None,
+                datetime.fromtimestamp(0, UTC), 0,
+            )  # fmt: skip
         return DeadLetter(
-            message=self.message(row),
+            message=message,
             error=_text(error),
             state=state_text,
             since=datetime.fromtimestamp(_seconds(failed_at), UTC),
@@ -404,7 +445,12 @@ class RedisStore:
             return None
         reply = self._run("checkout", self._l.checkout_args(topic_names, limit))
         taken = self._l.checked_out(reply, limit)
-        return None if taken is None else RedisBatch(self, *taken)
+        if taken is None:
+            return None
+        messages, tokens, unreadable = taken
+        batch = RedisBatch(self, messages, tokens)
+        self._l.park_unreadable(batch, unreadable)
+        return batch
 
     def _close_batch(self, batch: RedisBatch) -> None:
         self._l.check_lost(self._run("close", self._l.close_args(batch)))
@@ -499,7 +545,12 @@ class AsyncRedisStore:
             return None
         reply = await self._run("checkout", self._l.checkout_args(topic_names, limit))
         taken = self._l.checked_out(reply, limit)
-        return None if taken is None else AsyncRedisBatch(self, *taken)
+        if taken is None:
+            return None
+        messages, tokens, unreadable = taken
+        batch = AsyncRedisBatch(self, messages, tokens)
+        self._l.park_unreadable(batch, unreadable)
+        return batch
 
     async def _close_batch(self, batch: AsyncRedisBatch) -> None:
         self._l.check_lost(await self._run("close", self._l.close_args(batch)))
