@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import secrets
-import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +31,7 @@ from outboxbind.store import (
 )
 from outboxbind.stores.postgres.persister import notify_channel
 from outboxbind.stores.postgres.schema import migrate, queries_for
+from outboxbind.wakeup import WakeupThread
 
 __all__ = ["AsyncPostgresBatch", "AsyncPostgresStore", "PostgresBatch", "PostgresStore"]
 
@@ -209,52 +209,20 @@ class _Statements:
         return TopicBacklog(topic, int(pending), max(0.0, float(oldest_age)), int(dead))
 
 
-class _Listener:
+class _Listener(WakeupThread):
     """A dedicated LISTEN connection (outside the pool) that wakes relays on commit.
 
-    Runs in a daemon thread and reconnects by itself, with backoff, after the server restarts;
-    after a reconnect it wakes the relays once, since notifications sent meanwhile are lost.
+    Reconnects by itself, with backoff, after the server restarts; after a reconnect it wakes
+    the relays once, since notifications sent meanwhile are lost.
     """
 
     def __init__(self, conninfo: str, kwargs: dict[str, Any], channel: str) -> None:
+        super().__init__(f"outboxbind-listen-{channel}")
         self.conninfo = conninfo
         self.kwargs = {k: v for k, v in kwargs.items() if k not in ("autocommit", "row_factory")}
         self.channel = channel
-        self.callbacks: list[Callable[[], None]] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.connected = threading.Event()
 
-    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
-        with self.lock:
-            self.callbacks.append(callback)
-            if self.thread is None:
-                self.stopping.clear()
-                self.thread = threading.Thread(
-                    target=self._run, name=f"outboxbind-listen-{self.channel}", daemon=True
-                )
-                self.thread.start()
-
-        def unsubscribe() -> None:
-            with self.lock:
-                if callback in self.callbacks:
-                    self.callbacks.remove(callback)
-                if self.callbacks or self.thread is None:
-                    return
-                self.stopping.set()
-                thread, self.thread = self.thread, None
-            thread.join(5)
-
-        return unsubscribe
-
-    def _wake(self) -> None:
-        with self.lock:
-            callbacks = list(self.callbacks)
-        for callback in callbacks:
-            callback()
-
-    def _run(self) -> None:
+    def listen(self) -> None:
         backoff = 0.1
         while not self.stopping.is_set():
             try:
@@ -262,10 +230,10 @@ class _Listener:
                     conn.execute(f"LISTEN {quote_identifier(self.channel)}")
                     self.connected.set()
                     backoff = 0.1
-                    self._wake()  # anything committed while we were not listening
+                    self.wake()  # anything committed while we were not listening
                     while not self.stopping.is_set():
                         for _ in conn.notifies(timeout=0.25):
-                            self._wake()
+                            self.wake()
             except psycopg.Error as exc:
                 self.connected.clear()
                 if self.stopping.is_set():
@@ -275,7 +243,6 @@ class _Listener:
                 )
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-        self.connected.clear()
 
 
 def _conninfo_of(

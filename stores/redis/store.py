@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -40,6 +39,7 @@ from outboxbind.stores.redis._scripts import (
     script,
     wakeup_channel,
 )
+from outboxbind.wakeup import WakeupThread
 
 __all__ = ["AsyncRedisBatch", "AsyncRedisStore", "RedisBatch", "RedisStore"]
 
@@ -283,7 +283,7 @@ def _listener_client_factory(client: object) -> Callable[[], redis.Redis]:
     return connect
 
 
-class _Subscriber:
+class _Subscriber(WakeupThread):
     """A thread with its own connection SUBSCRIBEd to the outbox's wake-up channel.
 
     Reconnects by itself, with backoff, after the server restarts; after a (re)connect it wakes
@@ -291,46 +291,11 @@ class _Subscriber:
     """
 
     def __init__(self, connect: Callable[[], redis.Redis], channel: str) -> None:
+        super().__init__(f"outboxbind-redis-{channel}")
         self.connect = connect
         self.channel = channel
-        self.callbacks: list[Callable[[], None]] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.connected = threading.Event()
-        self.thread: threading.Thread | None = None
 
-    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
-        with self.lock:
-            self.callbacks.append(callback)
-            if self.thread is None:
-                self.stopping.clear()
-                self.thread = threading.Thread(
-                    target=self._run, name=f"outboxbind-redis-{self.channel}", daemon=True
-                )
-                self.thread.start()
-
-        def unsubscribe() -> None:
-            with self.lock:
-                if callback in self.callbacks:
-                    self.callbacks.remove(callback)
-                if self.callbacks or self.thread is None:
-                    return
-                self.stopping.set()
-                thread, self.thread = self.thread, None
-            thread.join(5)
-
-        return unsubscribe
-
-    def _wake(self) -> None:
-        with self.lock:
-            callbacks = list(self.callbacks)
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # a wake-up is a hint
-                log.exception("an outbox wake-up callback failed")
-
-    def _run(self) -> None:
+    def listen(self) -> None:
         backoff = 0.1
         while not self.stopping.is_set():
             client = self.connect()
@@ -341,10 +306,10 @@ class _Subscriber:
                 if backoff > 0.1:
                     log.warning("outbox wake-up subscription to %r is back", self.channel)
                 backoff = 0.1
-                self._wake()  # anything committed while we were not subscribed
+                self.wake()  # anything committed while we were not subscribed
                 while not self.stopping.is_set():
                     if pubsub.get_message(timeout=0.25) is not None:
-                        self._wake()
+                        self.wake()
             except (redis.RedisError, OSError) as exc:
                 self.connected.clear()
                 if self.stopping.is_set():
@@ -364,7 +329,6 @@ class _Subscriber:
                     client.close()
                 except (redis.RedisError, OSError):
                     pass
-        self.connected.clear()
 
 
 # -- the sync face -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from outboxbind.store import (
 )
 from outboxbind.stores.sqlite.persister import wakeup_channel
 from outboxbind.stores.sqlite.schema import migrate, queries_for
+from outboxbind.wakeup import WakeupThread
 
 __all__ = ["SQLiteBatch", "SQLiteStore"]
 
@@ -386,49 +387,26 @@ class SQLiteStore:
         ]
 
 
-class _CommitWatcher:
+class _CommitWatcher(WakeupThread):
     """Turns a writer's signal (sent at its INSERT) into a wake-up at its COMMIT."""
 
     WATCH_FOR = 10.0  # seconds to wait for a signalled transaction to commit
 
     def __init__(self, path: str) -> None:
+        super().__init__("outboxbind-sqlite-commits")
         self.path = path
-        self.callbacks: list[Callable[[], None]] = []
-        self.lock = threading.Lock()
         self.signalled = threading.Event()
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
         self.unsubscribe_signals: Callable[[], None] | None = None
 
-    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
-        with self.lock:
-            self.callbacks.append(callback)
-            if self.thread is None:
-                self.stopping.clear()
-                self.unsubscribe_signals = wakeup.subscribe(
-                    wakeup_channel(self.path), self.signalled.set
-                )
-                self.thread = threading.Thread(
-                    target=self._run, name="outboxbind-sqlite-commits", daemon=True
-                )
-                self.thread.start()
+    def started(self) -> None:
+        self.unsubscribe_signals = wakeup.subscribe(wakeup_channel(self.path), self.signalled.set)
 
-        def unsubscribe() -> None:
-            with self.lock:
-                if callback in self.callbacks:
-                    self.callbacks.remove(callback)
-                if self.callbacks or self.thread is None:
-                    return
-                thread, self.thread = self.thread, None
-                if self.unsubscribe_signals is not None:
-                    self.unsubscribe_signals()
-                self.stopping.set()
-                self.signalled.set()
-            thread.join(5)
+    def stopped(self) -> None:
+        if self.unsubscribe_signals is not None:
+            self.unsubscribe_signals()
+        self.signalled.set()  # let the thread see that it is stopping
 
-        return unsubscribe
-
-    def _run(self) -> None:
+    def listen(self) -> None:
         conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -438,14 +416,14 @@ class _CommitWatcher:
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
                 if current != version:  # a commit since we last looked: perhaps the signaller's
                     version = current
-                    self._wake()
+                    self.wake()
                 deadline = time.monotonic() + self.WATCH_FOR
                 pause = 0.0005
                 while not self.stopping.is_set() and time.monotonic() < deadline:
                     current = conn.execute("PRAGMA data_version").fetchone()[0]
                     if current != version:  # another connection committed
                         version = current
-                        self._wake()
+                        self.wake()
                         break
                     time.sleep(pause)
                     pause = min(pause * 1.5, 0.005)
@@ -453,12 +431,6 @@ class _CommitWatcher:
             log.warning("the SQLite commit watcher stopped (polling goes on): %s", exc)
         finally:
             conn.close()
-
-    def _wake(self) -> None:
-        with self.lock:
-            callbacks = list(self.callbacks)
-        for callback in callbacks:
-            callback()
 
 
 class SQLiteBatch(BufferedBatch):
