@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+import attrs
 import pytest
 
 from outboxbind import Relay
@@ -507,3 +508,32 @@ def check_relay_totals(
     assert all(per_relay[relay.pid] > 0 for relay in relays), (
         f"a relay did no work: {dict(per_relay)}"
     )
+
+
+# -- shared by the SQLite and Redis relay scripts -------------------------------------------------
+
+KEYS = tuple(f"k{i}" for i in range(5))
+
+
+@attrs.frozen
+class Event:
+    """The test message: a writer-wide sequence number and its ordering key."""
+
+    seq: int
+    key: str | None = None
+
+
+class Stall:
+    """Hang the relay mid-batch once ``after`` messages were published, process-wide."""
+
+    def __init__(self, after: int, marker: Path) -> None:
+        self.after = after
+        self.marker = marker
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def published_one(self) -> bool:
+        """Count one published message; whether the threshold is reached."""
+        with self._lock:
+            self._count += 1
+            return self._count >= self.after

@@ -22,14 +22,20 @@ import argparse
 import os
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import attrs
 import redis
-from process_support import NO_KEY, LogTopic, command_line, run_relay_process
+from process_support import (
+    KEYS,
+    NO_KEY,
+    Event,
+    LogTopic,
+    Stall,
+    command_line,
+    run_relay_process,
+)
 
 from outboxbind import Relay, bind
 from outboxbind.codecs import JsonCodec
@@ -38,30 +44,6 @@ from outboxbind.stores.redis import RedisStore, persister
 
 TOPICS = tuple(f"t{i}" for i in range(10))
 KEYED = TOPICS[:5]  # per-key order (some messages topic-wide); the other five: one order each
-KEYS = tuple(f"k{i}" for i in range(5))
-
-
-@attrs.frozen
-class Event:
-    """The test message: a writer-wide sequence number and its ordering key."""
-
-    seq: int
-    key: str | None = None
-
-
-class Stall:
-    """Hang the relay mid-batch once ``after`` messages were published, process-wide."""
-
-    def __init__(self, after: int, marker: Path) -> None:
-        self.after = after
-        self.marker = marker
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def published_one(self) -> bool:
-        with self._lock:
-            self._count += 1
-            return self._count >= self.after
 
 
 class RedisLogTopic(LogTopic[Event]):

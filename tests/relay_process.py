@@ -25,17 +25,18 @@ import os
 import random
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import attrs
 from process_support import (
     KEYED_TOPICS,
+    KEYS,
     NO_KEY,
     TOPICS,
+    Event,
     LogTopic,
+    Stall,
     command_line,
     run_relay_process,
     write_transactions,
@@ -45,32 +46,6 @@ from outboxbind import Relay, bind
 from outboxbind.codecs import JsonCodec
 from outboxbind.messages import PersistedMessage
 from outboxbind.stores.sqlite import SQLiteStore, persister
-
-KEYS = tuple(f"k{i}" for i in range(5))
-
-
-@attrs.frozen
-class Event:
-    """The test message: a writer-wide sequence number and its ordering key."""
-
-    seq: int
-    key: str | None = None
-
-
-class Stall:
-    """Hang the relay mid-batch once ``after`` messages were published, process-wide."""
-
-    def __init__(self, after: int, marker: Path) -> None:
-        self.after = after
-        self.marker = marker
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def published_one(self) -> bool:
-        """Count one published message; whether the threshold is reached."""
-        with self._lock:
-            self._count += 1
-            return self._count >= self.after
 
 
 class SQLiteLogTopic(LogTopic[Event]):

@@ -376,7 +376,8 @@ def test_relay_rides_out_a_redis_restart(
     probe_ids = []
     client = redis.Redis.from_url(url)
     try:
-        from redis_relay_process import Event, RedisLogTopic
+        from process_support import Event
+        from redis_relay_process import RedisLogTopic
 
         from outboxbind import bind
         from outboxbind.stores.redis import persister
