@@ -416,6 +416,9 @@ def round_robin(sequences: dict[SequenceKey, list[M]], limit: int) -> list[M]:
 
     Every sequence keeps a prefix of its messages, and none takes the batch while others wait.
     """
+    if len(sequences) == 1:  # the common case of one ordered topic: nothing to interleave
+        [only] = sequences.values()
+        return only[:limit]
     chosen: list[M] = []
     depth = 0
     while len(chosen) < limit:

@@ -24,6 +24,7 @@ from outboxbind.messages import PersistedMessage
 from outboxbind.relay.engine import (
     Call,
     Effect,
+    Marks,
     ProcessResult,
     Publish,
     RelayEngine,
@@ -303,6 +304,12 @@ class Relay(_RelayBase):
     def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Call):
             return getattr(effect.target, effect.method)(*effect.args)
+        if isinstance(effect, Marks):
+            methods: dict[str, Any] = {}
+            for name, args in effect.marks:
+                method = methods.get(name) or methods.setdefault(name, getattr(effect.batch, name))
+                method(*args)
+            return None
         if isinstance(effect, Publish):
             return self._publish(effect)
         return self._sleep(effect.seconds)
@@ -484,6 +491,10 @@ class AsyncRelay(_RelayBase):
     async def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Call):
             return await getattr(effect.target, effect.method)(*effect.args)
+        if isinstance(effect, Marks):
+            for name, args in effect.marks:
+                await getattr(effect.batch, name)(*args)
+            return None
         if isinstance(effect, Publish):
             return await asyncio.gather(
                 *(self._publish_group(topic, msgs, effect.timeout) for topic, msgs in effect.groups)

@@ -4,6 +4,7 @@ The engine does no I/O. Its two generators, :meth:`RelayEngine.process` (one rou
 :meth:`RelayEngine.poll` (rounds until stopped), *yield* the I/O they need as effect values:
 
 * :class:`Call` - call a method of the store or of a batch (awaited by the asyncio face);
+* :class:`Marks` - tell a batch what happened to each of its messages;
 * :class:`Publish` - publish a batch's messages, one group per topic, concurrently;
 * :class:`Sleep` - wait between rounds, ending early on a wake-up or a stop.
 
@@ -28,7 +29,7 @@ from outboxbind.messages import PersistedMessage
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
 from outboxbind.topics import Topic
 
-__all__ = ["Call", "ProcessResult", "Publish", "RelayEngine", "Sleep", "StopControl"]
+__all__ = ["Call", "Marks", "ProcessResult", "Publish", "RelayEngine", "Sleep", "StopControl"]
 
 log = logging.getLogger("outboxbind.relay")
 
@@ -54,6 +55,22 @@ class Publish:
     timeout: float
 
 
+Mark = tuple[str, tuple[Any, ...]]
+"""A batch method (``mark_published``, ``mark_failed``, ``mark_dead``) and its arguments."""
+
+
+@attrs.frozen
+class Marks:
+    """Effect: call each mark on ``batch`` in order (awaited one by one by the asyncio driver).
+
+    One effect per round rather than one per message: the marks are computed here, performed
+    there, without a round trip through the generator for each message.
+    """
+
+    batch: object
+    marks: list[Mark]
+
+
 @attrs.frozen
 class Sleep:
     """Effect: wait up to ``seconds``; the driver answers ``True`` if a wake-up ended it early."""
@@ -61,7 +78,7 @@ class Sleep:
     seconds: float
 
 
-Effect = Call | Publish | Sleep
+Effect = Call | Marks | Publish | Sleep
 
 
 @attrs.frozen
@@ -165,20 +182,22 @@ class RelayEngine:
                 [(self.topics[name].topic, group) for name, group in groups.items()],
                 self.publish_timeout,
             )
+            marks: list[Mark] = []
             for name, group_outcomes in zip(groups, outcomes, strict=True):
                 registration = self.topics[name]
                 for message, outcome in zip(groups[name], group_outcomes, strict=True):
                     if isinstance(outcome, str):
-                        yield Call(batch, "mark_published", (message, outcome))
+                        marks.append(("mark_published", (message, outcome)))
                         successes += 1
                     elif isinstance(outcome, NotAttempted):
                         continue  # released on close, no attempt counted
                     else:
                         errors += 1
-                        gave_up = yield from self._record_failure(
-                            batch, registration, message, outcome
-                        )
+                        mark, gave_up = self._failure(registration, message, outcome)
+                        marks.append(mark)
                         dead += gave_up
+            if marks:
+                yield Marks(batch, marks)
         except Exception as exc:
             store_error = exc
             log.warning("recording publish outcomes failed: %s", _describe(exc), exc_info=exc)
@@ -204,13 +223,10 @@ class RelayEngine:
                 groups.setdefault(message.topic, []).append(message)
         return groups
 
-    def _record_failure(
-        self,
-        batch: object,
-        registration: TopicRegistration,
-        message: PersistedMessage,
-        error: BaseException,
-    ) -> Generator[Effect, Any, int]:
+    def _failure(
+        self, registration: TopicRegistration, message: PersistedMessage, error: BaseException
+    ) -> tuple[Mark, int]:
+        """The mark for a failed publish, and 1 if the message was given up on (else 0)."""
         attempts = message.attempts + 1
         text = _describe(error)
         unpublishable = isinstance(error, UnpublishableError)
@@ -220,21 +236,18 @@ class RelayEngine:
                 "publishing outbox message %s to %s failed (attempt %d of %d), retry in %.2fs: %s",
                 message.id, message.topic, attempts, registration.retry.max_attempts, delay, text,
             )  # fmt: skip
-            yield Call(batch, "mark_failed", (message, text, timedelta(seconds=delay)))
-            return 0
+            return ("mark_failed", (message, text, timedelta(seconds=delay))), 0
         why = "is unpublishable" if unpublishable else f"failed {attempts} attempt(s)"
         if registration.poison == "park":
             log.error(
                 "outbox message %s to %s %s, parked: %s", message.id, message.topic, why, text
             )
-            yield Call(batch, "mark_dead", (message, text))
-        else:
-            log.error(
-                "outbox message %s to %s %s, blocking its key until replayed: %s",
-                message.id, message.topic, why, text,
-            )  # fmt: skip
-            yield Call(batch, "mark_failed", (message, text, None))
-        return 1
+            return ("mark_dead", (message, text)), 1
+        log.error(
+            "outbox message %s to %s %s, blocking its key until replayed: %s",
+            message.id, message.topic, why, text,
+        )  # fmt: skip
+        return ("mark_failed", (message, text, None)), 1
 
     # -- the poll loop --------------------------------------------------------------------------
 
