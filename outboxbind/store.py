@@ -27,7 +27,7 @@ The rules a store keeps:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -320,11 +320,21 @@ class _MarkBuffer:
 class BufferedBatch(_MarkBuffer):
     """A :class:`MessageBatch` that buffers its marks and applies them on :meth:`close`.
 
-    A store subclasses it and implements :meth:`_apply`, which reads ``self.tokens`` (the lease
-    token of each sequence) and ``self.outcomes`` (each sequence's marks in the order they were
-    made). Buffering keeps marks free of I/O and lets the store apply one batch in one
-    transaction, with one fencing check per sequence.
+    A store makes it with the leased messages, the lease token of each sequence, and its
+    ``apply`` function, which :meth:`close` calls once with the batch: it reads ``batch.tokens``
+    and ``batch.outcomes`` (each sequence's marks in the order they were made). Buffering keeps
+    marks free of I/O and lets the store apply one batch in one transaction, with one fencing
+    check per sequence.
     """
+
+    def __init__(
+        self,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+        apply: Callable[[BufferedBatch], None],
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._apply = apply
 
     def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
         """Acknowledge ``message``; it is removed (or kept as published) on close."""
@@ -343,10 +353,7 @@ class BufferedBatch(_MarkBuffer):
     def close(self) -> None:
         """Apply the marks and end the leases (once; later calls do nothing)."""
         if self._closing():
-            self._apply()
-
-    def _apply(self) -> None:
-        raise NotImplementedError
+            self._apply(self)
 
     def __enter__(self) -> BufferedBatch:
         return self
@@ -361,7 +368,16 @@ class BufferedBatch(_MarkBuffer):
 
 
 class AsyncBufferedBatch(_MarkBuffer):
-    """The asyncio twin of :class:`BufferedBatch`: implement ``async def _apply``."""
+    """The asyncio twin of :class:`BufferedBatch`: its ``apply`` is a coroutine function."""
+
+    def __init__(
+        self,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+        apply: Callable[[AsyncBufferedBatch], Awaitable[None]],
+    ) -> None:
+        super().__init__(messages, tokens)
+        self._apply = apply
 
     async def mark_published(self, message: PersistedMessage, publish_id: str) -> None:
         """See :meth:`BufferedBatch.mark_published`."""
@@ -380,10 +396,7 @@ class AsyncBufferedBatch(_MarkBuffer):
     async def close(self) -> None:
         """Apply the marks and end the leases (once; later calls do nothing)."""
         if self._closing():
-            await self._apply()
-
-    async def _apply(self) -> None:
-        raise NotImplementedError
+            await self._apply(self)
 
     async def __aenter__(self) -> AsyncBufferedBatch:
         return self

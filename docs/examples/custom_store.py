@@ -89,17 +89,9 @@ class Transaction:
 
 
 class DictBatch(BufferedBatch):
-    """BufferedBatch keeps the marks (``self.outcomes``) and the lease tokens (``self.tokens``);
-    the store applies them in ``_apply``, once, when the batch is closed."""
-
-    def __init__(
-        self, store: DictStore, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]
-    ) -> None:
-        super().__init__(messages, tokens)
-        self.store = store
-
-    def _apply(self) -> None:
-        self.store.close_batch(self)
+    """BufferedBatch keeps the marks (``batch.outcomes``) and the lease tokens
+    (``batch.tokens``); the store's ``close_batch``, given when the batch is made, applies them
+    once, when the batch is closed."""
 
 
 class DictStore:
@@ -120,7 +112,7 @@ class DictStore:
             tokens = {s: secrets.token_hex(16) for s in due}
             for sequence, token in tokens.items():
                 self.db.leases[sequence] = (token, now + self.lease_duration)
-        return DictBatch(self, round_robin(taken, limit), tokens)
+        return DictBatch(round_robin(taken, limit), tokens, self.close_batch)
 
     def sequences(self, topic_names: Sequence[str]) -> list[SequenceKey]:
         """Every sequence of these topics, starting after the previous checkout's last."""
@@ -151,7 +143,7 @@ class DictStore:
                 break  # it failed and waits (or is blocked): the rest of its sequence waits too
         return due
 
-    def close_batch(self, batch: DictBatch) -> None:
+    def close_batch(self, batch: BufferedBatch) -> None:
         lost = []
         with self.db.lock:  # one short transaction: fence, apply, release
             now = self.db.clock()

@@ -174,7 +174,7 @@ class InMemoryStore:
                 tokens[sequence] = secrets.token_hex(16)
                 self._leases[sequence] = (tokens[sequence], now + self.lease_duration)
         messages = [row.message() for row in round_robin(taken, limit)]
-        return InMemoryBatch(self, messages, tokens)
+        return InMemoryBatch(messages, tokens, self._close_batch)
 
     def _rotation(self, wanted: set[str]) -> Iterator[SequenceKey]:
         ordered = sorted(s for s in self._sequences if s[0] in wanted and self._sequences[s])
@@ -197,7 +197,7 @@ class InMemoryStore:
                 break  # waiting for a retry, or blocked
         return due
 
-    def _close_batch(self, batch: InMemoryBatch) -> None:
+    def _close_batch(self, batch: BufferedBatch) -> None:
         lost = []
         with self._lock:
             now = self.clock()
@@ -322,15 +322,3 @@ def _row_id(found: tuple[_Row, str]) -> int:
 
 class InMemoryBatch(BufferedBatch):
     """Messages leased from an :class:`InMemoryStore`; marks are applied on close."""
-
-    def __init__(
-        self,
-        store: InMemoryStore,
-        messages: list[PersistedMessage],
-        tokens: dict[SequenceKey, str],
-    ) -> None:
-        super().__init__(messages, tokens)
-        self._store = store
-
-    def _apply(self) -> None:
-        self._store._close_batch(self)

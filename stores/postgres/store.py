@@ -261,15 +261,6 @@ def _conninfo_of(
 class PostgresBatch(BufferedBatch):
     """Messages leased from a :class:`PostgresStore`; marks are applied on close."""
 
-    def __init__(
-        self, store: PostgresStore, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]
-    ) -> None:
-        super().__init__(messages, tokens)
-        self._store = store
-
-    def _apply(self) -> None:
-        self._store._close_batch(self)
-
 
 class PostgresStore:
     """An outbox in PostgreSQL, for relays: leases per sequence, fencing tokens, NOTIFY wake-up.
@@ -363,9 +354,9 @@ class PostgresStore:
             messages, unreadable = self._s.batch_messages(reading.fetchall(), limit)
             if unreadable:
                 conn.execute(self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable))
-        return PostgresBatch(self, messages, tokens)
+        return PostgresBatch(messages, tokens, self._close_batch)
 
-    def _close_batch(self, batch: PostgresBatch) -> None:
+    def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
             conn.execute(ASYNC_COMMIT)
             closing = conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
@@ -403,18 +394,6 @@ class PostgresStore:
 
 class AsyncPostgresBatch(AsyncBufferedBatch):
     """Messages leased from an :class:`AsyncPostgresStore`; marks are applied on close."""
-
-    def __init__(
-        self,
-        store: AsyncPostgresStore,
-        messages: list[PersistedMessage],
-        tokens: dict[SequenceKey, str],
-    ) -> None:
-        super().__init__(messages, tokens)
-        self._store = store
-
-    async def _apply(self) -> None:
-        await self._store._close_batch(self)
 
 
 class AsyncPostgresStore:
@@ -502,9 +481,9 @@ class AsyncPostgresStore:
                 await conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable)
                 )
-        return AsyncPostgresBatch(self, messages, tokens)
+        return AsyncPostgresBatch(messages, tokens, self._close_batch)
 
-    async def _close_batch(self, batch: AsyncPostgresBatch) -> None:
+    async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():
             await conn.execute(ASYNC_COMMIT)
             closing = await conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))

@@ -337,15 +337,6 @@ class _Subscriber(WakeupThread):
 class RedisBatch(BufferedBatch):
     """Messages leased from a :class:`RedisStore`; marks are applied on close (one script)."""
 
-    def __init__(
-        self, store: RedisStore, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]
-    ) -> None:
-        super().__init__(messages, tokens)
-        self._store = store
-
-    def _apply(self) -> None:
-        self._store._close_batch(self)
-
 
 class RedisStore:
     """An outbox in Redis, for relays: leased sequences with fencing tokens, Pub/Sub wake-ups.
@@ -412,11 +403,11 @@ class RedisStore:
         if taken is None:
             return None
         messages, tokens, unreadable = taken
-        batch = RedisBatch(self, messages, tokens)
+        batch = RedisBatch(messages, tokens, self._close_batch)
         self._l.park_unreadable(batch, unreadable)
         return batch
 
-    def _close_batch(self, batch: RedisBatch) -> None:
+    def _close_batch(self, batch: BufferedBatch) -> None:
         self._l.check_lost(self._run("close", self._l.close_args(batch)))
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -447,18 +438,6 @@ class RedisStore:
 
 class AsyncRedisBatch(AsyncBufferedBatch):
     """Messages leased from an :class:`AsyncRedisStore`; marks are applied on close."""
-
-    def __init__(
-        self,
-        store: AsyncRedisStore,
-        messages: list[PersistedMessage],
-        tokens: dict[SequenceKey, str],
-    ) -> None:
-        super().__init__(messages, tokens)
-        self._store = store
-
-    async def _apply(self) -> None:
-        await self._store._close_batch(self)
 
 
 class AsyncRedisStore:
@@ -512,11 +491,11 @@ class AsyncRedisStore:
         if taken is None:
             return None
         messages, tokens, unreadable = taken
-        batch = AsyncRedisBatch(self, messages, tokens)
+        batch = AsyncRedisBatch(messages, tokens, self._close_batch)
         self._l.park_unreadable(batch, unreadable)
         return batch
 
-    async def _close_batch(self, batch: AsyncRedisBatch) -> None:
+    async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         self._l.check_lost(await self._run("close", self._l.close_args(batch)))
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:

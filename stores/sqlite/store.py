@@ -176,7 +176,7 @@ class SQLiteStore:
                     },
                 )
                 tokens[(topic, key)] = token
-        return SQLiteBatch(self, round_robin(taken, limit), tokens)
+        return SQLiteBatch(round_robin(taken, limit), tokens, self._close_batch)
 
     def _anything_due(self, topics: list[str]) -> bool:
         """Look for due work without the write lock (a WAL read never waits for writers), so an
@@ -281,7 +281,7 @@ class SQLiteStore:
 
     # -- applied when a batch closes ---------------------------------------------------------
 
-    def _close_batch(self, batch: SQLiteBatch) -> None:
+    def _close_batch(self, batch: BufferedBatch) -> None:
         lost: list[SequenceKey] = []
         with self._write() as conn:
             now = self.clock()
@@ -435,12 +435,3 @@ class _CommitWatcher(WakeupThread):
 
 class SQLiteBatch(BufferedBatch):
     """Messages leased from an :class:`SQLiteStore`; marks are applied on close."""
-
-    def __init__(
-        self, store: SQLiteStore, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]
-    ) -> None:
-        super().__init__(messages, tokens)
-        self._store = store
-
-    def _apply(self) -> None:
-        self._store._close_batch(self)
