@@ -285,7 +285,7 @@ message, the error of a failed or dead one), and retry_after."""
 class _MarkBuffer:
     def __init__(self, messages: list[PersistedMessage], tokens: dict[SequenceKey, str]) -> None:
         self._messages = messages
-        self._ids = {message.id for message in messages}
+        self._leased = {message.id: message for message in messages}
         self.tokens = tokens
         self.outcomes: dict[SequenceKey, list[MarkedOutcome]] = {}
         self.closed = False
@@ -304,10 +304,14 @@ class _MarkBuffer:
     ) -> None:
         if self.closed:
             raise RuntimeError("this batch is closed")
-        sequence = message.sequence
-        if message.id not in self._ids or sequence not in self.tokens:
+        leased = self._leased.get(message.id)
+        if leased is not message and leased != message:
             raise ValueError(f"message {message.id} is not part of this batch")
-        self.outcomes.setdefault(sequence, []).append((kind, message, detail, retry_after))
+        sequence = (message.topic, message.ordering_key or "")
+        outcomes = self.outcomes.get(sequence)
+        if outcomes is None:
+            outcomes = self.outcomes[sequence] = []
+        outcomes.append((kind, message, detail, retry_after))
 
     def _closing(self) -> bool:
         """Mark the batch closed; return False if it already was."""

@@ -18,9 +18,11 @@ SELECT id, pg_notify(%(channel)s, %(topic)s) FROM inserted
 -- name: claim_sequences
 -- Lease up to %(limit)s sequences that have a due message, visiting each topic's ordering keys
 -- from just after where this relay stopped last, round to just before it; a lease row another
--- relay is working on right now is skipped (SKIP LOCKED), never waited for. Committed before
--- anything is published; the messages are read by the next statement, with a fresh snapshot
--- (this one's may predate another relay's ack of the same sequence, if the claim had to wait).
+-- relay is working on right now is skipped (SKIP LOCKED), never waited for. Each lease is
+-- written with this claim's own name (%(claim)s), by which the next statement finds them.
+-- Committed before anything is published; the messages are read by the next statement, with a
+-- fresh snapshot (this one's may predate another relay's ack of the same sequence, if the claim
+-- had to wait).
 WITH RECURSIVE after_cursor (topic, ordering_key) AS (
     SELECT start.topic, start.ordering_key
     FROM unnest(%(topics)s::text[], %(after)s::text[]) AS wanted (topic, after)
@@ -91,7 +93,7 @@ expired AS (
 ),
 taken_over AS (
     UPDATE {leases} l
-    SET token = nextval({lease_tokens_literal}), owner = %(owner)s,
+    SET token = nextval({lease_tokens_literal}), owner = %(claim)s,
         expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
     FROM expired x
     WHERE l.topic = x.topic AND l.ordering_key = x.ordering_key
@@ -100,7 +102,7 @@ taken_over AS (
 -- sequences nobody holds: a new lease row (a concurrent claim of the same one wins, we skip)
 fresh AS (
     INSERT INTO {leases} (topic, ordering_key, token, owner, expires_at)
-    SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(owner)s,
+    SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(claim)s,
            coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
     FROM eligible e
     WHERE NOT EXISTS (
@@ -115,12 +117,15 @@ UNION ALL
 SELECT topic, ordering_key, token FROM fresh
 
 -- name: claimed_messages
--- The due messages of the sequences just claimed, in order: each sequence's even share of the
--- batch (%(share)s), up to the first message that waits for a retry. The caller interleaves the
--- sequences and cuts at the batch size (at most one message short of a share per sequence too
--- many is read).
-WITH claimed (topic, ordering_key) AS (
-    SELECT * FROM unnest(%(claimed_topics)s::text[], %(claimed_keys)s::text[])
+-- The due messages of the sequences the claim just leased (found by its name, %(claim)s), in
+-- order: each sequence's even share of the batch, up to the first message that waits for a
+-- retry. The caller interleaves the sequences and cuts at the batch size (at most one message
+-- short of a share per sequence too many is read).
+WITH claimed AS (
+    SELECT topic, ordering_key FROM {leases} WHERE owner = %(claim)s
+),
+share (n) AS (
+    SELECT ceil(%(limit)s::float8 / greatest(count(*), 1))::bigint FROM claimed
 )
 SELECT m.topic, m.ordering_key, m.id, m.data, m.attributes, m.created_at, m.attempts
 FROM claimed c
@@ -136,7 +141,7 @@ CROSS JOIN LATERAL (
             AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
       ), 9223372036854775807)
     ORDER BY o.position
-    LIMIT %(share)s
+    LIMIT (SELECT n FROM share)
 ) AS m
 
 -- name: close_batch

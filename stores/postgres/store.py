@@ -7,6 +7,7 @@ every result; :class:`PostgresStore` and :class:`AsyncPostgresStore` only run th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import secrets
@@ -37,10 +38,16 @@ __all__ = ["AsyncPostgresBatch", "AsyncPostgresStore", "PostgresBatch", "Postgre
 
 log = logging.getLogger("outboxbind.stores.postgres")
 
-#: The relay's own transactions (claims, acks, failures) need not wait for their WAL flush: if
-#: the server crashes before the flush, a lost claim or lost ack only means the messages are
-#: published again (at least once). The writers' transactions keep their own setting.
-ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF"
+#: The settings of the relay's own transactions (claims, reads, acks, failures):
+#: - they need not wait for their WAL flush: if the server crashes before the flush, a lost claim
+#:   or lost ack only means the messages are published again (at least once); the writers'
+#:   transactions keep their own setting;
+#: - their statements always have the same shape, so they are planned once per connection
+#:   (a generic plan) rather than at every execution.
+RELAY_TRANSACTION = (
+    "SELECT set_config('synchronous_commit', 'off', true),"
+    " set_config('plan_cache_mode', 'force_generic_plan', true)"
+)
 
 
 class _Statements:
@@ -67,17 +74,19 @@ class _Statements:
         self.channel = notify_channel(schema, table)
         self.keep_published = keep_published
         self._cursors: dict[str, str] = {}  # per topic: the last ordering key leased
+        self._claims = itertools.count(1)
 
     def now(self) -> datetime | None:
         return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
 
     def checkout_params(self, topics: Sequence[str], limit: int) -> dict[str, Any]:
+        """The parameters of the claim and of the read that follows it in the same round trip."""
         wanted = sorted(set(topics))
         return {
             "topics": wanted,
             "after": [self._cursors.get(topic, "") for topic in wanted],
             "limit": limit,
-            "owner": self.owner,
+            "claim": f"{self.owner} #{next(self._claims)}",  # the name of this claim's leases
             "lease_seconds": self.lease_duration,
             "now": self.now(),
         }
@@ -92,53 +101,40 @@ class _Statements:
         self._cursors.update(furthest)  # the next claim starts just after them
         return tokens
 
-    def messages_params(self, tokens: dict[SequenceKey, str], limit: int) -> dict[str, Any]:
-        sequences = list(tokens)
-        return {
-            "claimed_topics": [topic for topic, _ in sequences],
-            "claimed_keys": [key for _, key in sequences],
-            "share": -(-limit // len(sequences)),  # an even share of the batch each
-            "now": self.now(),
-        }
-
     def batch_messages(
         self, rows: Sequence[tuple[Any, ...]], limit: int
     ) -> tuple[list[PersistedMessage], dict[int, str]]:
         """The batch's messages, and the rows that cannot be read as messages, with why.
 
-        A sequence is cut at an unreadable row: the rows after it wait for the next batch,
-        after the unreadable one has been parked.
+        The rows come sequence after sequence, each in order. A sequence is cut at an unreadable
+        row: the rows after it wait for the next batch, after the unreadable one has been parked.
         """
         by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
         unreadable: dict[int, str] = {}
         cut: set[SequenceKey] = set()
+        sequence: SequenceKey | None = None
+        messages: list[PersistedMessage] = []
         for topic, key, id_, data, attributes, created_at, attempts in rows:
-            sequence = (topic, key)
-            if sequence in cut:
+            if sequence is None or topic != sequence[0] or key != sequence[1]:
+                sequence = (topic, key)
+                messages = by_sequence.setdefault(sequence, [])
+            if cut and sequence in cut:
                 continue
-            try:
-                if attributes is not None and not (
-                    isinstance(attributes, dict)
-                    and all(isinstance(v, str) for v in attributes.values())
-                ):
-                    raise TypeError(f"attributes are not an object of strings: {attributes!r}")
-                message = PersistedMessage(
-                    id=str(id_),
-                    topic=topic,
-                    data=data,
-                    attributes=attributes,
-                    ordering_key=key or None,
-                    created_at=created_at,
-                    attempts=attempts,
-                )
-            except Exception as exc:
+            if attributes is not None and not (
+                isinstance(attributes, dict)
+                and all(isinstance(v, str) for v in attributes.values())
+            ):
                 unreadable[id_] = (
-                    f"unreadable outbox row {id_} in {self.schema}.{self.table}: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"unreadable outbox row {id_} in {self.schema}.{self.table}: attributes are "
+                    f"not an object of strings: {attributes!r}"
                 )[:2000]
                 cut.add(sequence)
                 continue
-            by_sequence.setdefault(sequence, []).append(message)
+            messages.append(
+                PersistedMessage(
+                    str(id_), topic, data, attributes, key or None, created_at, attempts
+                )
+            )
         return round_robin(by_sequence, limit), unreadable
 
     def unreadable_params(self, unreadable: dict[int, str]) -> dict[str, Any]:
@@ -147,7 +143,7 @@ class _Statements:
         return {"ids": list(unreadable), "errors": list(unreadable.values()), "now": self.now()}
 
     def close_params(self, batch: BufferedBatch | AsyncBufferedBatch) -> dict[str, Any]:
-        published: list[int] = []
+        published: list[str] = []
         publish_ids: list[str | None] = []
         failed: list[int] = []
         failed_errors: list[str | None] = []
@@ -157,7 +153,7 @@ class _Statements:
         for outcomes in batch.outcomes.values():
             for kind, message, detail, retry_after in outcomes:
                 if kind == "published":
-                    published.append(int(message.id))
+                    published.append(message.id)
                     publish_ids.append(detail)
                 elif kind == "failed":
                     failed.append(int(message.id))
@@ -173,7 +169,9 @@ class _Statements:
             "lease_topics": [topic for topic, _ in sequences],
             "lease_keys": [key for _, key in sequences],
             "lease_tokens": [int(batch.tokens[s]) for s in sequences],
-            "published": published,
+            # the ids came from this store's bigint column: sent as one array literal, which
+            # the server parses, rather than adapted one by one
+            "published": "{" + ",".join(published) + "}",
             "publish_ids": publish_ids if self.keep_published else [],
             "keep_published": self.keep_published,
             "failed": failed,
@@ -331,34 +329,35 @@ class PostgresStore:
     def checkout_batch(self, topic_names: Sequence[str], limit: int) -> PostgresBatch | None:
         """Lease up to ``limit`` due messages of ``topic_names``.
 
-        Two statements, pipelined: the claim commits first (so the leases hold before anything
-        is published), then the messages are read with a fresh snapshot.
+        Two statements in one round trip: the claim commits first (so the leases hold before
+        anything is published), then the messages are read with a fresh snapshot.
         """
         if not topic_names or limit <= 0:
             return None
+        params = self._s.checkout_params(topic_names, limit)
         with self.pool.connection() as conn, conn.pipeline():
-            conn.execute(ASYNC_COMMIT)
-            claiming = conn.execute(
-                self._s.sql["claim_sequences"], self._s.checkout_params(topic_names, limit)
-            )
-            claims = claiming.fetchall()
-            if not claims:
-                return None
-            tokens = self._s.claimed(claims)
+            conn.execute(RELAY_TRANSACTION)
+            claiming = conn.execute(self._s.sql["claim_sequences"], params)
             conn.commit()
             reading = conn.execute(
                 self._s.sql["claimed_messages"],
-                self._s.messages_params(tokens, limit),
+                params,
                 binary=True,  # bytea as bytes on the wire: no hex to decode
             )
+            conn.commit()
+            claims = claiming.fetchall()  # one round trip for all four
+            if not claims:
+                return None
+            tokens = self._s.claimed(claims)
             messages, unreadable = self._s.batch_messages(reading.fetchall(), limit)
             if unreadable:
                 conn.execute(self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable))
+                conn.commit()
         return PostgresBatch(messages, tokens, self._close_batch)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
-            conn.execute(ASYNC_COMMIT)
+            conn.execute(RELAY_TRANSACTION)
             closing = conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
             conn.commit()
             held = closing.fetchall()
@@ -461,31 +460,32 @@ class AsyncPostgresStore:
         """See :meth:`PostgresStore.checkout_batch`."""
         if not topic_names or limit <= 0:
             return None
+        params = self._s.checkout_params(topic_names, limit)
         async with self.pool.connection() as conn, conn.pipeline():
-            await conn.execute(ASYNC_COMMIT)
-            claiming = await conn.execute(
-                self._s.sql["claim_sequences"], self._s.checkout_params(topic_names, limit)
-            )
-            claims = await claiming.fetchall()
-            if not claims:
-                return None
-            tokens = self._s.claimed(claims)
+            await conn.execute(RELAY_TRANSACTION)
+            claiming = await conn.execute(self._s.sql["claim_sequences"], params)
             await conn.commit()
             reading = await conn.execute(
                 self._s.sql["claimed_messages"],
-                self._s.messages_params(tokens, limit),
+                params,
                 binary=True,  # bytea as bytes on the wire: no hex to decode
             )
+            await conn.commit()
+            claims = await claiming.fetchall()  # one round trip for all four
+            if not claims:
+                return None
+            tokens = self._s.claimed(claims)
             messages, unreadable = self._s.batch_messages(await reading.fetchall(), limit)
             if unreadable:
                 await conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable)
                 )
+                await conn.commit()
         return AsyncPostgresBatch(messages, tokens, self._close_batch)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():
-            await conn.execute(ASYNC_COMMIT)
+            await conn.execute(RELAY_TRANSACTION)
             closing = await conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
             await conn.commit()
             held = await closing.fetchall()
