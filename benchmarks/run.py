@@ -12,6 +12,7 @@ Writes ``benchmarks/results/latest.json`` (figures, versions, machine facts) and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -23,10 +24,18 @@ from pathlib import Path
 import attrs
 import psycopg
 
-from benchmarks.cases import ALL
 from benchmarks.common import DSN, Figure
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: The modules holding the cases, each as a list ``ALL`` of functions ``case(quick) -> Figure``,
+#: run in this order.
+CASE_MODULES = (
+    "benchmarks.cases",
+    "benchmarks.pubsub_cases",
+    "benchmarks.redis_cases",
+    "benchmarks.processes",
+)
 
 
 def machine() -> dict[str, object]:
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     args = parser.parse_args(argv)
     figures: list[Figure] = []
-    for case in ALL:
+    cases = [case for name in CASE_MODULES for case in importlib.import_module(name).ALL]
+    for case in cases:
         if args.only and args.only not in case.__name__:
             continue
         started = time.monotonic()
