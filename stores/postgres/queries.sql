@@ -14,23 +14,29 @@ FROM nextval({message_ids_literal}) AS n
 RETURNING id, pg_notify(%(channel)s, %(topic)s)
 
 -- name: claim_sequences
--- Lease up to %(limit)s sequences that have a due message, visiting each topic's ordering keys
--- from just after where this relay stopped last, round to just before it; a lease row another
--- relay is working on right now is skipped (SKIP LOCKED), never waited for. Each lease is
--- written with this claim's own name (%(claim)s), by which the next statement finds them.
--- Committed before anything is published; the messages are read by the next statement, with a
--- fresh snapshot (this one's may predate another relay's ack of the same sequence, if the claim
--- had to wait).
-WITH RECURSIVE after_cursor (topic, ordering_key) AS (
-    SELECT start.topic, start.ordering_key
-    FROM unnest(%(topics)s::text[], %(after)s::text[]) AS wanted (topic, after)
+-- Lease the sequences that have a due message, in walk order, until they can fill the batch of
+-- %(limit)s: each counts for its due messages up to %(most_per_sequence)s (a quarter of the
+-- batch), so a batch spans at least four sequences when that many are due, and leaves the rest
+-- to other relays. The walk visits the topics from just after the one this relay leased last
+-- (%(topics)s comes rotated), and each topic's ordering keys from just after where this relay
+-- stopped last, round to just before it. A lease row another relay is working on right now is
+-- skipped (SKIP LOCKED), never waited for. Each lease is written with this claim's own name
+-- (%(claim)s), by which the next statement finds them. Committed before anything is published;
+-- the messages are read by the next statement, with a fresh snapshot (this one's may predate
+-- another relay's ack of the same sequence, if the claim had to wait).
+WITH RECURSIVE wanted (topic, after, place) AS (
+    SELECT * FROM unnest(%(topics)s::text[], %(after)s::text[]) WITH ORDINALITY
+),
+after_cursor (topic, ordering_key, place, depth) AS (
+    SELECT start.topic, start.ordering_key, wanted.place, 0
+    FROM wanted
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
         WHERE o.topic = wanted.topic AND o.ordering_key > wanted.after
         ORDER BY o.ordering_key LIMIT 1
     ) AS start
     UNION ALL
-    SELECT step.topic, step.ordering_key
+    SELECT step.topic, step.ordering_key, s.place, s.depth + 1
     FROM after_cursor s
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
@@ -38,16 +44,16 @@ WITH RECURSIVE after_cursor (topic, ordering_key) AS (
         ORDER BY o.ordering_key LIMIT 1
     ) AS step
 ),
-up_to_cursor (topic, ordering_key, after) AS (
-    SELECT start.topic, start.ordering_key, wanted.after
-    FROM unnest(%(topics)s::text[], %(after)s::text[]) AS wanted (topic, after)
+up_to_cursor (topic, ordering_key, after, place, depth) AS (
+    SELECT start.topic, start.ordering_key, wanted.after, wanted.place, 0
+    FROM wanted
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
         WHERE o.topic = wanted.topic AND o.ordering_key <= wanted.after
         ORDER BY o.ordering_key LIMIT 1
     ) AS start
     UNION ALL
-    SELECT step.topic, step.ordering_key, s.after
+    SELECT step.topic, step.ordering_key, s.after, s.place, s.depth + 1
     FROM up_to_cursor s
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
@@ -56,35 +62,51 @@ up_to_cursor (topic, ordering_key, after) AS (
         ORDER BY o.ordering_key LIMIT 1
     ) AS step
 ),
-sequences AS (
-    SELECT topic, ordering_key FROM after_cursor
+sequences (topic, ordering_key, lap, depth, place) AS (
+    SELECT topic, ordering_key, 0, depth, place FROM after_cursor
     UNION ALL
-    SELECT topic, ordering_key FROM up_to_cursor
+    SELECT topic, ordering_key, 1, depth, place FROM up_to_cursor
 ),
+-- free sequences with a due message, each with how many count towards the batch; the walk stops
+-- after %(limit)s of them
 eligible AS (
-    SELECT s.topic, s.ordering_key FROM sequences s
-    WHERE NOT EXISTS (
+    SELECT s.topic, s.ordering_key, s.lap, s.depth, s.place, due.n
+    FROM sequences s
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM (
+            SELECT FROM {outbox} o
+            WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
+              AND o.position IS NOT NULL
+              AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+              AND o.position < coalesce((
+                  SELECT min(w.position) FROM {outbox} w
+                  WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
+                    AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+              ), 9223372036854775807)
+            LIMIT %(most_per_sequence)s
+        ) AS counted
+    ) AS due
+    WHERE due.n > 0
+      AND NOT EXISTS (
         SELECT 1 FROM {leases} l
         WHERE l.topic = s.topic AND l.ordering_key = s.ordering_key
           AND l.expires_at > coalesce(%(now)s::timestamptz, now())
-    )
-    AND EXISTS (
-        SELECT 1 FROM {outbox} o
-        WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
-          AND o.position IS NOT NULL
-          AND o.available_at <= coalesce(%(now)s::timestamptz, now())
-          AND o.position < coalesce((
-              SELECT min(w.position) FROM {outbox} w
-              WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
-                AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
-          ), 9223372036854775807)
-    )
+      )
     LIMIT %(limit)s
+),
+-- the sequences taken, in walk order, until the batch is full
+chosen AS (
+    SELECT topic, ordering_key FROM (
+        SELECT topic, ordering_key,
+               sum(n) OVER (ORDER BY lap, depth, place ROWS UNBOUNDED PRECEDING) - n AS before
+        FROM eligible
+    ) AS running
+    WHERE before < %(limit)s
 ),
 -- leases that expired: taken over, skipping any row another relay is claiming or releasing
 expired AS (
     SELECT l.topic, l.ordering_key
-    FROM {leases} l JOIN eligible e USING (topic, ordering_key)
+    FROM {leases} l JOIN chosen e USING (topic, ordering_key)
     WHERE l.expires_at <= coalesce(%(now)s::timestamptz, now())
     ORDER BY l.topic, l.ordering_key
     FOR UPDATE OF l SKIP LOCKED
@@ -102,7 +124,7 @@ fresh AS (
     INSERT INTO {leases} (topic, ordering_key, token, owner, expires_at)
     SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(claim)s,
            coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
-    FROM eligible e
+    FROM chosen e
     WHERE NOT EXISTS (
         SELECT 1 FROM {leases} l WHERE l.topic = e.topic AND l.ordering_key = e.ordering_key
     )

@@ -7,6 +7,7 @@ every result; :class:`PostgresStore` and :class:`AsyncPostgresStore` only run th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import os
@@ -74,6 +75,7 @@ class _Statements:
         self.channel = notify_channel(schema, table)
         self.keep_published = keep_published
         self._cursors: dict[str, str] = {}  # per topic: the last ordering key leased
+        self._last_topic = ""  # the topic the walk leased last; the next walk starts after it
         self._claims = itertools.count(1)
 
     def now(self) -> datetime | None:
@@ -82,16 +84,21 @@ class _Statements:
     def checkout_params(self, topics: Sequence[str], limit: int) -> dict[str, Any]:
         """The parameters of the claim and of the read that follows it in the same round trip."""
         wanted = sorted(set(topics))
+        start = bisect.bisect_right(wanted, self._last_topic)  # just after the last one leased
+        wanted = wanted[start:] + wanted[:start]
         return {
             "topics": wanted,
             "after": [self._cursors.get(topic, "") for topic in wanted],
             "limit": limit,
+            "most_per_sequence": -(-limit // 4),  # a quarter of the batch, rounded up
             "claim": f"{self.owner} #{next(self._claims)}",  # the name of this claim's leases
             "lease_seconds": self.lease_duration,
             "now": self.now(),
         }
 
-    def claimed(self, rows: Sequence[tuple[Any, ...]]) -> dict[SequenceKey, str]:
+    def claimed(
+        self, rows: Sequence[tuple[Any, ...]], params: dict[str, Any]
+    ) -> dict[SequenceKey, str]:
         """The leases a claim statement returned: sequence -> token; moves the cursors."""
         tokens: dict[SequenceKey, str] = {}
         furthest: dict[str, str] = {}
@@ -99,6 +106,9 @@ class _Statements:
             tokens[(topic, key)] = str(token)
             furthest[topic] = max(key, furthest.get(topic, key))
         self._cursors.update(furthest)  # the next claim starts just after them
+        if furthest:  # and with the topic after the furthest one leased, in the walk's order
+            walked = params["topics"]
+            self._last_topic = max(furthest, key=walked.index)
         return tokens
 
     def batch_messages(
@@ -348,7 +358,7 @@ class PostgresStore:
             claims = claiming.fetchall()  # one round trip for all four
             if not claims:
                 return None
-            tokens = self._s.claimed(claims)
+            tokens = self._s.claimed(claims, params)
             messages, unreadable = self._s.batch_messages(reading.fetchall(), limit)
             if unreadable:
                 conn.execute(self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable))
@@ -474,7 +484,7 @@ class AsyncPostgresStore:
             claims = await claiming.fetchall()  # one round trip for all four
             if not claims:
                 return None
-            tokens = self._s.claimed(claims)
+            tokens = self._s.claimed(claims, params)
             messages, unreadable = self._s.batch_messages(await reading.fetchall(), limit)
             if unreadable:
                 await conn.execute(
