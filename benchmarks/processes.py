@@ -25,8 +25,7 @@ published, its rounds, when its last batch closed, its peak memory).
   peak is the child's own ``VmHWM`` (``/proc/self/status``); not ``ru_maxrss``, which Linux
   carries over ``exec`` from the process that forked the child (here the benchmark runner).
 
-The backlogs are written by ``INSERT ... SELECT`` over ``generate_series`` of the rows the
-store reads (non-strict, due now), which is much faster than ``common.fill``.
+The backlogs are written by :func:`benchmarks.common.fill_fast`.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from benchmarks.cases import Case
-from benchmarks.common import DSN, PAYLOAD, Figure, NullTopic, outbox
+from benchmarks.common import DSN, Figure, NullTopic, fill_fast, outbox
 from outboxbind import PersistedMessage, Relay
 from outboxbind.stores.postgres import PostgresStore
 from outboxbind.stores.postgres.schema import names_for
@@ -60,7 +59,6 @@ PUBLISH_LATENCY = 0.020
 #: (another relay holds its sequences).
 IDLE_SLEEP = 0.002
 #: Rows per INSERT transaction when filling a backlog.
-FILL_CHUNK = 250_000
 
 
 class RemoteTopic(NullTopic):
@@ -84,30 +82,6 @@ class RemoteTopic(NullTopic):
 
 def topic_names(topics: int) -> list[str]:
     return [f"topic-{i}" for i in range(topics)]
-
-
-def fill_fast(
-    pool: ConnectionPool[Any], schema: str, topics: int, count: int, *, keys: int = 0
-) -> None:
-    """Write ``count`` 1 KB messages, due now, spread evenly over ``topics`` (round robin by
-    id), with ids from the outbox's own sequence; then ANALYZE the table.
-
-    Unkeyed by default; with ``keys``, each topic's messages are spread over that many
-    ordering keys (``k0``, ``k1``...), each key a sequence of its own.
-    """
-    names = names_for(schema, "outbox")
-    key = f"'k' || mod(n / {int(topics)}, {int(keys)})" if keys else "''"
-    insert = (
-        f"INSERT INTO {names['outbox']} (id, position, topic, ordering_key, data, available_at)"
-        f" SELECT n, n, 'topic-' || mod(n, %s), {key}, %s, now()"
-        f" FROM (SELECT nextval({names['message_ids_literal']}) AS n"
-        f" FROM generate_series(1, %s)) AS ids"
-    )
-    with pool.connection() as conn:
-        for start in range(0, count, FILL_CHUNK):
-            with conn.transaction():
-                conn.execute(insert, (topics, PAYLOAD, min(FILL_CHUNK, count - start)))
-        conn.execute(f"ANALYZE {names['outbox']}")
 
 
 def outbox_rows(pool: ConnectionPool[Any], schema: str) -> int:

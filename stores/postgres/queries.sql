@@ -67,39 +67,55 @@ sequences (topic, ordering_key, lap, depth, place) AS (
     UNION ALL
     SELECT topic, ordering_key, 1, depth, place FROM up_to_cursor
 ),
--- free sequences with a due message, each with how many count towards the batch; the walk stops
--- after %(limit)s of them
-eligible AS (
-    SELECT s.topic, s.ordering_key, s.lap, s.depth, s.place, due.n
-    FROM sequences s
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS n FROM (
+-- free sequences with a due message, in walk order; the walk stops after %(limit)s of them
+eligible AS MATERIALIZED (
+    SELECT s.topic, s.ordering_key, s.lap, s.depth, s.place FROM sequences s
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {leases} l
+        WHERE l.topic = s.topic AND l.ordering_key = s.ordering_key
+          AND l.expires_at > coalesce(%(now)s::timestamptz, now())
+    )
+    AND EXISTS (
+        SELECT 1 FROM {outbox} o
+        WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
+          AND o.position IS NOT NULL
+          AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+          AND o.position < coalesce((
+              SELECT min(w.position) FROM {outbox} w
+              WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
+                AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+          ), 9223372036854775807)
+    )
+    LIMIT %(limit)s
+),
+-- each with how many of its messages count towards the batch (a lone one: no need to count)
+counted AS (
+    SELECT e.topic, e.ordering_key, e.lap, e.depth, e.place, CASE
+      WHEN (SELECT count(*) FROM eligible) = 1 THEN 1
+      ELSE (
+        SELECT count(*) FROM (
             SELECT FROM {outbox} o
-            WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
+            WHERE o.topic = e.topic AND o.ordering_key = e.ordering_key
               AND o.position IS NOT NULL
               AND o.available_at <= coalesce(%(now)s::timestamptz, now())
               AND o.position < coalesce((
                   SELECT min(w.position) FROM {outbox} w
-                  WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
+                  WHERE w.topic = e.topic AND w.ordering_key = e.ordering_key AND w.attempts > 0
                     AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
               ), 9223372036854775807)
+            ORDER BY o.position  -- the sequence's index, never a scan of the table
             LIMIT %(most_per_sequence)s
-        ) AS counted
-    ) AS due
-    WHERE due.n > 0
-      AND NOT EXISTS (
-        SELECT 1 FROM {leases} l
-        WHERE l.topic = s.topic AND l.ordering_key = s.ordering_key
-          AND l.expires_at > coalesce(%(now)s::timestamptz, now())
+        ) AS due
       )
-    LIMIT %(limit)s
+    END AS n
+    FROM eligible e
 ),
 -- the sequences taken, in walk order, until the batch is full
 chosen AS (
     SELECT topic, ordering_key FROM (
         SELECT topic, ordering_key,
                sum(n) OVER (ORDER BY lap, depth, place ROWS UNBOUNDED PRECEDING) - n AS before
-        FROM eligible
+        FROM counted
     ) AS running
     WHERE before < %(limit)s
 ),

@@ -43,8 +43,9 @@ log = logging.getLogger("outboxbind.stores.postgres")
 #: - they need not wait for their WAL flush: if the server crashes before the flush, a lost claim
 #:   or lost ack only means the messages are published again (at least once); the writers'
 #:   transactions keep their own setting;
-#: - their statements always have the same shape, so they are planned once per connection
-#:   (a generic plan) rather than at every execution.
+#: - their statements always have the same shape, so each is prepared at its first use on a
+#:   connection (``prepare=True``, not after psycopg's default five uses) and planned once (a
+#:   generic plan) rather than at every execution.
 RELAY_TRANSACTION = (
     "SELECT set_config('synchronous_commit', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
@@ -346,13 +347,14 @@ class PostgresStore:
             return None
         params = self._s.checkout_params(topic_names, limit)
         with self.pool.connection() as conn, conn.pipeline():
-            conn.execute(RELAY_TRANSACTION)
-            claiming = conn.execute(self._s.sql["claim_sequences"], params)
+            conn.execute(RELAY_TRANSACTION, prepare=True)
+            claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             conn.commit()
             reading = conn.execute(
                 self._s.sql["claimed_messages"],
                 params,
                 binary=True,  # bytea as bytes on the wire: no hex to decode
+                prepare=True,
             )
             conn.commit()
             claims = claiming.fetchall()  # one round trip for all four
@@ -367,8 +369,10 @@ class PostgresStore:
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
-            conn.execute(RELAY_TRANSACTION)
-            closing = conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
+            conn.execute(RELAY_TRANSACTION, prepare=True)
+            closing = conn.execute(
+                self._s.sql["close_batch"], self._s.close_params(batch), prepare=True
+            )
             conn.commit()
             held = closing.fetchall()
         self._s.check_held(batch, held)
@@ -472,13 +476,14 @@ class AsyncPostgresStore:
             return None
         params = self._s.checkout_params(topic_names, limit)
         async with self.pool.connection() as conn, conn.pipeline():
-            await conn.execute(RELAY_TRANSACTION)
-            claiming = await conn.execute(self._s.sql["claim_sequences"], params)
+            await conn.execute(RELAY_TRANSACTION, prepare=True)
+            claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             await conn.commit()
             reading = await conn.execute(
                 self._s.sql["claimed_messages"],
                 params,
                 binary=True,  # bytea as bytes on the wire: no hex to decode
+                prepare=True,
             )
             await conn.commit()
             claims = await claiming.fetchall()  # one round trip for all four
@@ -495,8 +500,10 @@ class AsyncPostgresStore:
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():
-            await conn.execute(RELAY_TRANSACTION)
-            closing = await conn.execute(self._s.sql["close_batch"], self._s.close_params(batch))
+            await conn.execute(RELAY_TRANSACTION, prepare=True)
+            closing = await conn.execute(
+                self._s.sql["close_batch"], self._s.close_params(batch), prepare=True
+            )
             await conn.commit()
             held = await closing.fetchall()
         self._s.check_held(batch, held)
