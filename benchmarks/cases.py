@@ -165,25 +165,38 @@ def _relay_drain(store: Any, topics: list[NullTopic], batch: int, count: int) ->
 def drain_null(batch: int, topics: int, keyed: bool) -> Case:
     """The relay draining PostgreSQL to null topics, against the raw drain of the same rows.
 
-    Each run starts from a fresh outbox; both sides first drain a small backlog of their own (20
-    batches) so that each measures its steady state: connections open, statements prepared.
+    Each side of each run gets an outbox of its own (so neither scans past the rows the other
+    deleted), first drains a small backlog there (20 batches: connections open, statements
+    prepared), then the measured one. The sides take turns going first.
     """
 
     def case(quick: bool) -> Figure:
         count = 20_000 if quick else 100_000
         keys = 1 if keyed else 0
         sinks = [NullTopic(f"topic-{i}") for i in range(topics)]
-        case_values, bound_values = [], []
-        for _ in range(3 if quick else 5):
-            with outbox(pool_size=4) as (pool, schema, store):
+
+        def raw() -> float:
+            with outbox(pool_size=4) as (pool, schema, _store):
                 fill_fast(pool, schema, topics, 20 * batch, keys=keys)
                 _raw_drain(pool, schema, batch)
+                fill_fast(pool, schema, topics, count, keys=keys)
+                return timed(lambda: _raw_drain(pool, schema, batch))
+
+        def relay() -> float:
+            with outbox(pool_size=4) as (pool, schema, store):
                 fill_fast(pool, schema, topics, 20 * batch, keys=keys)
                 _relay_drain(store, sinks, batch, 20 * batch)
                 fill_fast(pool, schema, topics, count, keys=keys)
-                bound_values.append(timed(lambda: _raw_drain(pool, schema, batch)))
-                fill_fast(pool, schema, topics, count, keys=keys)
-                case_values.append(timed(lambda: _relay_drain(store, sinks, batch, count)))
+                return timed(lambda: _relay_drain(store, sinks, batch, count))
+
+        case_values, bound_values = [], []
+        for run in range(3 if quick else 5):
+            if run % 2:
+                case_values.append(relay())
+                bound_values.append(raw())
+            else:
+                bound_values.append(raw())
+                case_values.append(relay())
         shape = f"{topics} ordered topic{'s' if topics > 1 else ''}" if keyed else f"{topics} topic"
         return Figure(
             f"drain PostgreSQL -> null, batch {batch}, {shape}", "raw drain", "msgs/s",
