@@ -4,9 +4,10 @@
     python -m benchmarks.run --quick    # small sizes, for a look
     python -m benchmarks.run --only drain
 
-Writes ``benchmarks/results/latest.json`` (figures, versions, machine facts) and
-``docs/performance.png`` (each case as a ratio of its bound), and prints a table; a run with
-``--only`` writes ``benchmarks/results/only-<NAME>.json`` instead.
+Writes ``benchmarks/results/latest.json`` (figures, versions, machine facts), the same figures
+as a Markdown table (``latest.md``) and ``docs/performance.png`` (each case as a ratio of its
+bound); a ``--quick`` run writes ``quick.json``/``quick.md``, a run with ``--only`` writes
+``only-<NAME>.json``/``.md``, and neither touches the plot.
 """
 
 from __future__ import annotations
@@ -108,12 +109,30 @@ def main(argv: list[str] | None = None) -> int:
             for f in figures
         ],
     }  # fmt: skip
-    if args.only:  # a partial run does not overwrite the full one
-        (results / f"only-{args.only}.json").write_text(json.dumps(report, indent=2))
-        return 0
-    (results / "latest.json").write_text(json.dumps(report, indent=2))
-    plot(figures, ROOT / "docs" / "performance.png")
+    # a partial or quick run does not overwrite the full one
+    name = f"only-{args.only}" if args.only else "quick" if args.quick else "latest"
+    (results / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (results / f"{name}.md").write_text(table(figures))
+    if name == "latest":
+        plot(figures, ROOT / "docs" / "performance.png")
     return 0
+
+
+def table(figures: list[Figure]) -> str:
+    """The figures as a Markdown table, as ``docs/performance.md`` shows them."""
+    lines = [
+        "| case | value | bound | ratio | target | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        sign = ">=" if f.higher_is_better else "<="
+        target = f"{sign} {f.target}" if f.target is not None else "(none)"
+        verdict = {True: "met", False: "missed", None: ""}[f.meets_target]
+        lines.append(
+            f"| {f.case} | {f.median:,.1f} {f.unit} | {f.bound}: {f.bound_median:,.1f} "
+            f"| {f.ratio:.2f} | {target} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
