@@ -75,8 +75,9 @@ eligible AS MATERIALIZED (
         WHERE l.topic = s.topic AND l.ordering_key = s.ordering_key
           AND l.expires_at > coalesce(%(now)s::timestamptz, now())
     )
-    AND EXISTS (
-        SELECT 1 FROM {outbox} o
+    AND (  -- its first due message, looked up on the sequence's index (an EXISTS here can be
+           -- planned as a join that walks the whole index)
+        SELECT o.position FROM {outbox} o
         WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
           AND o.position IS NOT NULL
           AND o.available_at <= coalesce(%(now)s::timestamptz, now())
@@ -85,7 +86,8 @@ eligible AS MATERIALIZED (
               WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
                 AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
           ), 9223372036854775807)
-    )
+        ORDER BY o.position LIMIT 1
+    ) IS NOT NULL
     LIMIT %(limit)s
 ),
 -- each with how many of its messages count towards the batch (a lone one: no need to count)
