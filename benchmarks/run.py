@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from importlib import metadata
 from pathlib import Path
@@ -60,10 +61,12 @@ def plot(figures: list[Figure], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(figures) + 1.5))
-    names = [f.case for f in figures]
+    fig, ax = plt.subplots(figsize=(12, 0.7 * len(figures) + 1.5))
+    names = [textwrap.fill(f.case, 48) for f in figures]
     ratios = [f.ratio for f in figures]
-    colors = ["tab:green" if f.meets_target else "tab:red" for f in figures]
+    colors = [
+        {True: "tab:green", False: "tab:red", None: "tab:gray"}[f.meets_target] for f in figures
+    ]
     ax.barh(names, ratios, color=colors)
     for y, f in enumerate(figures):
         if f.target is not None:
@@ -71,7 +74,10 @@ def plot(figures: list[Figure], path: Path) -> None:
         ax.text(f.ratio, y, f"  {f.ratio:.2f}", va="center")
     ax.axvline(1.0, color="grey", linestyle=":")
     ax.invert_yaxis()
-    ax.set_xlabel("case / bound, measured in the same run (black tick: the target)")
+    ax.set_xlabel(
+        "case / bound, measured in the same run\n"
+        "(black tick: the target; green: met, red: missed, grey: no target)"
+    )
     ax.set_title("outboxbind benchmarks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -81,8 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the table and plot from latest.json"
+    )
     args = parser.parse_args(argv)
-    figures: list[Figure] = []
+    results = ROOT / "benchmarks" / "results"
+    if args.replot:
+        report = json.loads((results / "latest.json").read_text())
+        fields = {field.name for field in attrs.fields(Figure)}
+        figures = [Figure(**{k: v for k, v in f.items() if k in fields}) for f in report["figures"]]
+        (results / "latest.md").write_text(table(figures))
+        plot(figures, ROOT / "docs" / "performance.png")
+        return 0
+    figures = []
     cases = [case for name in CASE_MODULES for case in importlib.import_module(name).ALL]
     for case in cases:
         if args.only and args.only not in case.__name__:
@@ -97,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
             f"  ({time.monotonic() - started:.0f}s)",
             flush=True,
         )
-    results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     report = {
         "quick": args.quick,
