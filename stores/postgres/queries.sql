@@ -90,36 +90,42 @@ eligible AS MATERIALIZED (
     ) IS NOT NULL
     LIMIT %(limit)s
 ),
--- each with how many of its messages count towards the batch (a lone one: no need to count)
-counted AS (
-    SELECT e.topic, e.ordering_key, e.lap, e.depth, e.place, CASE
-      WHEN (SELECT count(*) FROM eligible) = 1 THEN 1
+-- the eligible sequences in walk order, as arrays the next step indexes into
+walk_order (topics, ordering_keys, n) AS (
+    SELECT array_agg(topic ORDER BY lap, depth, place),
+           array_agg(ordering_key ORDER BY lap, depth, place), count(*)
+    FROM eligible
+),
+-- take them one by one, counting each one's due messages (at most a quarter of the batch;
+-- a lone one needs no count), until they can fill the batch: only the sequences taken are
+-- counted
+taking (i, topic, ordering_key, total) AS (
+    SELECT 0, NULL::text, NULL::text, 0::bigint
+    UNION ALL
+    SELECT t.i + 1, w.topics[t.i + 1], w.ordering_keys[t.i + 1], t.total + CASE
+      WHEN w.n = 1 THEN 1
       ELSE (
         SELECT count(*) FROM (
             SELECT FROM {outbox} o
-            WHERE o.topic = e.topic AND o.ordering_key = e.ordering_key
+            WHERE o.topic = w.topics[t.i + 1] AND o.ordering_key = w.ordering_keys[t.i + 1]
               AND o.position IS NOT NULL
               AND o.available_at <= coalesce(%(now)s::timestamptz, now())
               AND o.position < coalesce((
-                  SELECT min(w.position) FROM {outbox} w
-                  WHERE w.topic = e.topic AND w.ordering_key = e.ordering_key AND w.attempts > 0
-                    AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+                  SELECT min(x.position) FROM {outbox} x
+                  WHERE x.topic = w.topics[t.i + 1] AND x.ordering_key = w.ordering_keys[t.i + 1]
+                    AND x.attempts > 0
+                    AND (x.available_at IS NULL OR x.available_at > coalesce(%(now)s::timestamptz, now()))
               ), 9223372036854775807)
             ORDER BY o.position  -- the sequence's index, never a scan of the table
             LIMIT %(most_per_sequence)s
         ) AS due
       )
-    END AS n
-    FROM eligible e
+    END
+    FROM taking t CROSS JOIN walk_order w
+    WHERE t.i < w.n AND t.total < %(limit)s
 ),
--- the sequences taken, in walk order, until the batch is full
 chosen AS (
-    SELECT topic, ordering_key FROM (
-        SELECT topic, ordering_key,
-               sum(n) OVER (ORDER BY lap, depth, place ROWS UNBOUNDED PRECEDING) - n AS before
-        FROM counted
-    ) AS running
-    WHERE before < %(limit)s
+    SELECT topic, ordering_key FROM taking WHERE i > 0
 ),
 -- leases that expired: taken over, skipping any row another relay is claiming or releasing
 expired AS (
