@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replot", action="store_true", help="redraw the table and plot from latest.json"
     )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with --only: put the new figures in latest.json in place of the old ones",
+    )
     args = parser.parse_args(argv)
     results = ROOT / "benchmarks" / "results"
     if args.replot:
@@ -128,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     # a partial or quick run does not overwrite the full one
     name = f"only-{args.only}" if args.only else "quick" if args.quick else "latest"
     (results / f"{name}.json").write_text(json.dumps(report, indent=2))
+    if args.update and args.only and not args.quick:  # re-measured cases replace their figures
+        latest = json.loads((results / "latest.json").read_text())
+        new = {f["case"]: f for f in report["figures"]}
+        latest["figures"] = [new.pop(f["case"], f) for f in latest["figures"]]
+        latest["figures"] += list(new.values())
+        latest.setdefault("updated", []).append({"when": report["when"], "only": args.only})
+        (results / "latest.json").write_text(json.dumps(latest, indent=2))
+        return main(["--replot"])
     (results / f"{name}.md").write_text(table(figures))
     if name == "latest":
         plot(figures, ROOT / "docs" / "performance.png")
