@@ -15,17 +15,26 @@ import functools
 import sqlite3
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from benchmarks.common import DSN, PAYLOAD, Figure, NullTopic, fill_fast, outbox, timed
-from outboxbind import OutboxEntry, Relay, bind
+from benchmarks.common import (
+    DSN,
+    PAYLOAD,
+    Figure,
+    NullTopic,
+    commit_to_publish_ms,
+    fill_fast,
+    outbox,
+    relay_drain,
+    taking_turns,
+    timed,
+)
+from outboxbind import OutboxEntry, bind
 from outboxbind.stores.postgres import persister
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.stores.sqlite import SQLiteStore
@@ -41,7 +50,6 @@ def publish_overhead(quick: bool) -> Figure:
     """``bound.publish()`` in a transaction, against a hand INSERT of the same outbox row."""
     transactions = 500 if quick else 5000
     topic = NullTopic("orders")
-    case_values, bound_values = [], []
     with outbox() as (pool, schema, _store):
         outbox_table = names_for(schema, "outbox")["outbox"]
         with pool.connection() as conn:
@@ -54,33 +62,29 @@ def publish_overhead(quick: bool) -> Figure:
         )
         business = f'INSERT INTO "{schema}".orders (id) VALUES (%s)'
         order_id = 0
-        for run in range(3 if quick else 5):
-            with pool.connection() as conn:
+        with pool.connection() as conn:
 
-                def with_publish() -> int:
-                    nonlocal order_id
-                    for _ in range(transactions):
-                        order_id += 1
-                        with conn.transaction():
-                            conn.execute(business, (order_id,))
-                            bind(topic, persister(conn, schema=schema)).publish(PAYLOAD)
-                    return transactions
+            def with_publish() -> float:  # us per transaction
+                nonlocal order_id
+                started = time.perf_counter()
+                for _ in range(transactions):
+                    order_id += 1
+                    with conn.transaction():
+                        conn.execute(business, (order_id,))
+                        bind(topic, persister(conn, schema=schema)).publish(PAYLOAD)
+                return (time.perf_counter() - started) * 1e6 / transactions
 
-                def by_hand() -> int:
-                    nonlocal order_id
-                    for _ in range(transactions):
-                        order_id += 1
-                        with conn.transaction():
-                            conn.execute(business, (order_id,))
-                            conn.execute(hand_insert, ("orders", PAYLOAD))
-                    return transactions
+            def by_hand() -> float:
+                nonlocal order_id
+                started = time.perf_counter()
+                for _ in range(transactions):
+                    order_id += 1
+                    with conn.transaction():
+                        conn.execute(business, (order_id,))
+                        conn.execute(hand_insert, ("orders", PAYLOAD))
+                return (time.perf_counter() - started) * 1e6 / transactions
 
-                if run % 2:  # the sides take turns going first
-                    case_values.append(1e6 / timed(with_publish))
-                    bound_values.append(1e6 / timed(by_hand))
-                else:
-                    bound_values.append(1e6 / timed(by_hand))
-                    case_values.append(1e6 / timed(with_publish))
+            case_values, bound_values = taking_turns(by_hand, with_publish, 3 if quick else 5)
     return Figure(
         "publish() in a transaction (sync)", "hand INSERT", "us/tx",
         case_values, bound_values, higher_is_better=False, target=1.15,
@@ -164,21 +168,6 @@ def _raw_drain(pool: Any, schema: str, batch: int) -> int:
             drained += len(rows)
 
 
-def _relay_drain(store: Any, topics: list[NullTopic], batch: int, count: int) -> int:
-    relay = Relay(store)
-    for topic in topics:
-        relay.register_topic(topic)
-    published = 0
-    while published < count:
-        result = relay.process_messages(batch)
-        if result.store_error is not None or result.errors:
-            raise RuntimeError(f"a relay round failed: {result}")
-        if result.checked_out == 0:
-            break
-        published += result.successes
-    return published
-
-
 def drain_null(batch: int, topics: int, keyed: bool) -> Case:
     """The relay draining PostgreSQL to null topics, against the raw drain of the same rows.
 
@@ -202,18 +191,11 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
         def relay() -> float:
             with outbox(pool_size=4) as (pool, schema, store):
                 fill_fast(pool, schema, topics, 20 * batch, keys=keys)
-                _relay_drain(store, sinks, batch, 20 * batch)
+                relay_drain(store, sinks, batch, 20 * batch)
                 fill_fast(pool, schema, topics, count, keys=keys)
-                return timed(lambda: _relay_drain(store, sinks, batch, count))
+                return timed(lambda: relay_drain(store, sinks, batch, count))
 
-        case_values, bound_values = [], []
-        for run in range(3 if quick else 5):
-            if run % 2:
-                case_values.append(relay())
-                bound_values.append(raw())
-            else:
-                bound_values.append(raw())
-                case_values.append(relay())
+        case_values, bound_values = taking_turns(raw, relay, 3 if quick else 5)
         shape = f"{topics} ordered topic{'s' if topics > 1 else ''}" if keyed else f"{topics} topic"
         return Figure(
             f"drain PostgreSQL -> null, batch {batch}, {shape}", "raw drain", "msgs/s",
@@ -229,33 +211,12 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
 
 def _latencies_ms(quick: bool) -> list[float]:
     """Commit -> publish latencies with NOTIFY wake-up, one message every 20 ms, null topic."""
-    count = 100 if quick else 500
     topic = NullTopic("events")
     published_at: dict[str, float] = {}
     topic.on_publish = lambda messages: published_at.update(
         dict.fromkeys((m.id for m in messages), time.perf_counter())
     )
-    committed_at: dict[str, float] = {}
-    with outbox() as (_pool, schema, store):
-        relay = Relay(store, poll_interval=5.0)
-        relay.register_topic(topic)
-        thread = threading.Thread(target=relay.poll_for_messages, args=(100,))
-        thread.start()
-        try:
-            time.sleep(0.5)  # the LISTEN connection is up
-            with psycopg.connect(DSN) as conn:
-                for _ in range(count):
-                    with conn.transaction():
-                        outbox_id = persister(conn, schema=schema)(OutboxEntry("events", PAYLOAD))
-                    committed_at[outbox_id] = time.perf_counter()
-                    time.sleep(0.02)
-            deadline = time.monotonic() + 10
-            while len(published_at) < count and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            relay.stop(timeout=10)
-            thread.join(10)
-    return sorted((published_at[i] - committed_at[i]) * 1000 for i in committed_at)
+    return commit_to_publish_ms(topic, published_at, 100 if quick else 500)
 
 
 def latency_null(quick: bool) -> Figure:
@@ -324,7 +285,7 @@ def drain_sqlite(batch: int) -> Case:
                 _fill_sqlite(path, count)
                 bound_values.append(timed(functools.partial(_raw_sqlite_drain, path, batch)))
                 _fill_sqlite(path, count)
-                run = functools.partial(_relay_drain, store, [NullTopic("topic")], batch, count)
+                run = functools.partial(relay_drain, store, [NullTopic("topic")], batch, count)
                 case_values.append(timed(run))
                 store.close()
         return Figure(

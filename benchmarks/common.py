@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,8 +15,8 @@ import attrs
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from outboxbind import BytesCodec, PersistedMessage
-from outboxbind.stores.postgres import PostgresStore
+from outboxbind import BytesCodec, OutboxEntry, PersistedMessage, Relay
+from outboxbind.stores.postgres import PostgresStore, persister
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.topics import PublishOutcome, Topic
 
@@ -129,3 +130,71 @@ def timed(run: Callable[[], int]) -> float:
     started = time.perf_counter()
     handled = run()
     return handled / (time.perf_counter() - started)
+
+
+def taking_turns(
+    bound: Callable[[], float], case: Callable[[], float], runs: int
+) -> tuple[list[float], list[float]]:
+    """Measure ``case`` and ``bound`` ``runs`` times each, taking turns going first, so that
+    neither always meets a warmer (or busier) server; return (case values, bound values)."""
+    case_values, bound_values = [], []
+    for run in range(runs):
+        if run % 2:
+            case_values.append(case())
+            bound_values.append(bound())
+        else:
+            bound_values.append(bound())
+            case_values.append(case())
+    return case_values, bound_values
+
+
+def relay_drain(store: Any, topics: Sequence[Topic[Any]], batch: int, count: int) -> int:
+    """Drain ``count`` messages with ``Relay.process_messages(batch)``; raise if a round fails
+    or if the outbox runs dry before ``count`` were published."""
+    relay = Relay(store)
+    for topic in topics:
+        relay.register_topic(topic)
+    published = 0
+    while published < count:
+        result = relay.process_messages(batch)
+        if result.store_error is not None or result.errors:
+            raise RuntimeError(f"a relay round failed: {result}")
+        if result.checked_out == 0:
+            break
+        published += result.successes
+    if published != count:
+        raise RuntimeError(f"the relay published {published} of {count} messages")
+    return published
+
+
+def commit_to_publish_ms(
+    topic: Topic[Any], published_at: Mapping[str, float], count: int
+) -> list[float]:
+    """Commit -> publish latencies, sorted, in ms: ``count`` messages to ``topic``, one committed
+    every 20 ms, with a polling relay woken by NOTIFY. ``published_at`` is filled by the topic
+    (outbox id -> ``time.perf_counter()`` when it counts as published)."""
+    committed_at: dict[str, float] = {}
+    with outbox() as (_pool, schema, store):
+        relay = Relay(store, poll_interval=5.0)
+        relay.register_topic(topic)
+        thread = threading.Thread(target=relay.poll_for_messages, args=(100,))
+        thread.start()
+        try:
+            time.sleep(0.5)  # the LISTEN connection is up
+            with psycopg.connect(DSN) as conn:
+                for _ in range(count):
+                    with conn.transaction():
+                        entry = OutboxEntry(topic.name, PAYLOAD)
+                        outbox_id = persister(conn, schema=schema)(entry)
+                    committed_at[outbox_id] = time.perf_counter()
+                    time.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while len(published_at) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            relay.stop(timeout=10)
+            thread.join(10)
+    missing = [i for i in committed_at if i not in published_at]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {count} messages were not published in time")
+    return sorted((published_at[i] - committed_at[i]) * 1000 for i in committed_at)

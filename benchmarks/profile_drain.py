@@ -18,8 +18,8 @@ from typing import Any
 
 from pyinstrument import Profiler
 
-from benchmarks.cases import _raw_drain, _relay_drain
-from benchmarks.common import NullTopic, fill_fast, outbox
+from benchmarks.cases import _raw_drain
+from benchmarks.common import NullTopic, fill_fast, outbox, relay_drain
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -46,7 +46,7 @@ def split(name: str, batch: int, count: int, topics: int, profile: bool = False)
         drain: Callable[[int], int] = (
             (lambda _n: _raw_drain(pool, schema, batch))
             if name == "raw drain"
-            else (lambda n: _relay_drain(store, sinks, batch, n))
+            else (lambda n: relay_drain(store, sinks, batch, n))
         )
         fill_fast(pool, schema, topics, 20 * batch, keys=keys)
         drain(20 * batch)

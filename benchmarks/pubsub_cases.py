@@ -25,22 +25,28 @@ import atexit
 import functools
 import os
 import statistics
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import psycopg
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher import PublisherClient as Gapic
 from google.pubsub_v1.types import PublishRequest, PubsubMessage
 from psycopg_pool import ConnectionPool
 
 from benchmarks.cases import Case
-from benchmarks.common import DSN, PAYLOAD, Figure, outbox, timed
-from outboxbind import OutboxEntry, PersistedMessage, Relay
-from outboxbind.stores.postgres import PostgresStore, persister
+from benchmarks.common import (
+    PAYLOAD,
+    Figure,
+    commit_to_publish_ms,
+    outbox,
+    relay_drain,
+    taking_turns,
+    timed,
+)
+from outboxbind import OutboxEntry, PersistedMessage
+from outboxbind.stores.postgres import persister
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.testing.emulator import PubSubEmulator
 from outboxbind.topics import PublishOutcome
@@ -153,22 +159,6 @@ def _raw_drain_publish(pool: ConnectionPool[Any], schema: str, client: Any, path
             drained += len(rows)
 
 
-def _relay_drain(store: PostgresStore, topic: PubSubTopic[bytes], count: int) -> int:
-    relay = Relay(store)
-    relay.register_topic(topic)
-    published = 0
-    while published < count:
-        result = relay.process_messages(BATCH)
-        if result.store_error is not None or result.errors:
-            raise RuntimeError(f"a relay round failed: {result}")
-        if result.checked_out == 0:
-            break
-        published += result.successes
-    if published != count:
-        raise RuntimeError(f"the relay published {published} of {count} messages")
-    return published
-
-
 def drain_pubsub(keys: int) -> Case:
     """Drain PostgreSQL -> emulator through the relay, against ``raw drain + Publish``, with
     ``keys`` ordering keys (0: none); batch 500."""
@@ -187,17 +177,9 @@ def drain_pubsub(keys: int) -> Case:
             topic = PubSubTopic(client, new_topic(client), bytes)
             with outbox() as (pool, schema, store):
                 _fill(pool, schema, topic.name, count, keys)
-                return timed(lambda: _relay_drain(store, topic, count))
+                return timed(lambda: relay_drain(store, [topic], BATCH, count))
 
-        case_values, bound_values = [], []
-        for run in range(3 if quick else 5):
-            # alternate which goes first, so that neither always meets a warmer emulator
-            if run % 2 == 0:
-                bound_values.append(bound())
-                case_values.append(relayed())
-            else:
-                case_values.append(relayed())
-                bound_values.append(bound())
+        case_values, bound_values = taking_turns(bound, relayed, 3 if quick else 5)
         shape = {0: "no ordering key", 1: "1 ordering key"}.get(keys, f"{keys} ordering keys")
         return Figure(
             f"drain PostgreSQL -> Pub/Sub emulator, batch {BATCH}, {shape}",
@@ -232,33 +214,8 @@ class _AckTimedTopic(PubSubTopic[bytes]):
 
 def _ack_latencies_ms(quick: bool) -> list[float]:
     """Commit -> acknowledgement latencies with NOTIFY wake-up, one message every 20 ms."""
-    count = 100 if quick else 500
     topic = _AckTimedTopic(publisher(), new_topic(publisher()))
-    committed_at: dict[str, float] = {}
-    with outbox() as (_pool, schema, store):
-        relay = Relay(store, poll_interval=5.0)
-        relay.register_topic(topic)
-        thread = threading.Thread(target=relay.poll_for_messages, args=(100,))
-        thread.start()
-        try:
-            time.sleep(0.5)  # the LISTEN connection is up
-            with psycopg.connect(DSN) as conn:
-                for _ in range(count):
-                    with conn.transaction():
-                        entry = OutboxEntry(topic.name, PAYLOAD)
-                        outbox_id = persister(conn, schema=schema)(entry)
-                    committed_at[outbox_id] = time.perf_counter()
-                    time.sleep(0.02)
-            deadline = time.monotonic() + 10
-            while len(topic.acked_at) < count and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            relay.stop(timeout=10)
-            thread.join(10)
-    missing = len(committed_at) - len(topic.acked_at)
-    if missing:
-        raise RuntimeError(f"{missing} of {count} messages were not acknowledged in time")
-    return sorted((topic.acked_at[i] - committed_at[i]) * 1000 for i in committed_at)
+    return commit_to_publish_ms(topic, topic.acked_at, 100 if quick else 500)
 
 
 def _lone_publish_ms(client: Any, path: str, count: int = 100) -> float:

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import redis
 
 from benchmarks.cases import Case
-from benchmarks.common import PAYLOAD, Figure, NullTopic, timed
-from outboxbind import OutboxEntry, Relay
+from benchmarks.common import PAYLOAD, Figure, NullTopic, relay_drain, taking_turns, timed
+from outboxbind import OutboxEntry
 from outboxbind.stores.redis import RedisStore, persister
 
 REDIS_URL = os.environ.get("OUTBOXBIND_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -98,22 +98,6 @@ def _raw_drain(client: redis.Redis, prefix: str, batch: int, count: int) -> int:
     return drained
 
 
-def _relay_drain(store: RedisStore, batch: int, count: int) -> int:
-    relay = Relay(store)
-    relay.register_topic(NullTopic(TOPIC))
-    published = 0
-    while published < count:
-        result = relay.process_messages(batch)
-        if result.store_error is not None or result.errors:
-            raise RuntimeError(f"a relay round failed: {result}")
-        if result.checked_out == 0:
-            break
-        published += result.successes
-    if published != count:
-        raise RuntimeError(f"the relay published {published} of {count} messages")
-    return published
-
-
 def drain_redis(batch: int) -> Case:
     """The Redis store drained by the relay to a null topic, against the raw drain script."""
 
@@ -129,17 +113,12 @@ def drain_redis(batch: int) -> Case:
             with redis_outbox() as (client, prefix):
                 _fill(client, prefix, count)
                 store = RedisStore(client, prefix=prefix)
-                return timed(functools.partial(_relay_drain, store, batch, count))
+                return timed(
+                    functools.partial(relay_drain, store, [NullTopic(TOPIC)], batch, count)
+                )
 
-        case_values, bound_values = [], []
-        for run in range(3 if quick else 5):
-            # alternate which goes first, each on a fresh prefix
-            if run % 2 == 0:
-                bound_values.append(bound())
-                case_values.append(relayed())
-            else:
-                case_values.append(relayed())
-                bound_values.append(bound())
+        # each side on a fresh prefix
+        case_values, bound_values = taking_turns(bound, relayed, 3 if quick else 5)
         return Figure(
             f"drain Redis -> null, batch {batch}, 1 topic", "raw drain", "msgs/s",
             case_values, bound_values, higher_is_better=True, target=None,
