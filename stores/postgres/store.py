@@ -285,7 +285,8 @@ class PostgresStore:
         lease_duration: seconds a batch holds its sequences; at least twice the relay's
             publish timeout.
         clock: a time source in unix seconds for tests; by default the database's ``now()``.
-        owner: the name recorded on leases (default: host, pid and a random suffix).
+        owner: the name recorded on leases, followed by " #<claim number>" (default: host,
+            pid and a random suffix).
         listen_conninfo: the connection string of the LISTEN connection, when the pool's
             settings are computed at connect time (by default the pool's own are used).
         keep_published: keep each published message (with its publish id and time) in
