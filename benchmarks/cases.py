@@ -27,10 +27,10 @@ from benchmarks.common import (
     PAYLOAD,
     Figure,
     NullTopic,
+    PollingRelay,
     commit_to_publish_ms,
     fill_fast,
     outbox,
-    relay_drain,
     taking_turns,
     timed,
 )
@@ -189,11 +189,14 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
                 return timed(lambda: _raw_drain(pool, schema, batch))
 
         def relay() -> float:
-            with outbox(pool_size=4) as (pool, schema, store):
+            with (
+                outbox(pool_size=4) as (pool, schema, store),
+                PollingRelay(store, sinks, batch) as relay,
+            ):
                 fill_fast(pool, schema, topics, 20 * batch, keys=keys)
-                relay_drain(store, sinks, batch, 20 * batch)
+                relay.drain(20 * batch)
                 fill_fast(pool, schema, topics, count, keys=keys)
-                return timed(lambda: relay_drain(store, sinks, batch, count))
+                return relay.drain(count)
 
         case_values, bound_values = taking_turns(raw, relay, 3 if quick else 5)
         shape = f"{topics} ordered topic{'s' if topics > 1 else ''}" if keyed else f"{topics} topic"
@@ -285,8 +288,8 @@ def drain_sqlite(batch: int) -> Case:
                 _fill_sqlite(path, count)
                 bound_values.append(timed(functools.partial(_raw_sqlite_drain, path, batch)))
                 _fill_sqlite(path, count)
-                run = functools.partial(relay_drain, store, [NullTopic("topic")], batch, count)
-                case_values.append(timed(run))
+                with PollingRelay(store, [NullTopic("topic")], batch) as relay:
+                    case_values.append(relay.drain(count))
                 store.close()
         return Figure(
             f"drain SQLite -> null, batch {batch}, 1 topic", "raw drain", "msgs/s",

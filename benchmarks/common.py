@@ -148,23 +148,53 @@ def taking_turns(
     return case_values, bound_values
 
 
-def relay_drain(store: Any, topics: Sequence[Topic[Any]], batch: int, count: int) -> int:
-    """Drain ``count`` messages with ``Relay.process_messages(batch)``; raise if a round fails
-    or if the outbox runs dry before ``count`` were published."""
-    relay = Relay(store)
-    for topic in topics:
-        relay.register_topic(topic)
-    published = 0
-    while published < count:
-        result = relay.process_messages(batch)
-        if result.store_error is not None or result.errors:
-            raise RuntimeError(f"a relay round failed: {result}")
-        if result.checked_out == 0:
-            break
-        published += result.successes
-    if published != count:
-        raise RuntimeError(f"the relay published {published} of {count} messages")
-    return published
+class PollingRelay:
+    """A relay polling in a thread, the way a service runs it, for timing drains.
+
+    ``drain(count)`` wakes it and returns the rate, in messages per second, from the wake-up to
+    the moment ``count`` more messages were published. The relay is started (and its LISTEN
+    connection up) before, and stopped after, so neither is timed; the backlog must be written
+    without waking it (the fill helpers write with plain SQL).
+    """
+
+    def __init__(self, store: Any, topics: Sequence[Topic[Any]], batch: int) -> None:
+        self.relay = Relay(store, poll_interval=60.0)  # idle until woken; a backlog never waits
+        for topic in topics:
+            self.relay.register_topic(topic)
+        self.thread = threading.Thread(target=self.relay.poll_for_messages, args=(batch,))
+        self.published = 0
+
+    def __enter__(self) -> PollingRelay:
+        self.thread.start()
+        time.sleep(0.3)  # polling, and its wake-up connection is up
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.relay.stop(drain=False, timeout=30)
+        self.thread.join(30)
+
+    def drain(self, count: int) -> float:
+        """Wake the relay; return its rate over the next ``count`` messages (waits at most
+        120 s; raises if a round failed, or the relay was busy before it was woken)."""
+        if self.relay.totals["published"] != self.published:
+            raise RuntimeError("the relay started on the backlog before it was woken")
+        target = self.published + count
+        started = time.perf_counter()
+        self.relay.wake()
+        deadline = time.monotonic() + 120
+        while True:
+            totals = self.relay.totals
+            if totals["failed"] or totals["store_errors"]:
+                raise RuntimeError(f"a relay round failed: {totals}")
+            if totals["published"] >= target or time.monotonic() > deadline:
+                elapsed = time.perf_counter() - started
+                break
+            time.sleep(0.002)  # seldom enough not to take the GIL from the relay
+        time.sleep(0.05)  # let the last round end
+        self.published = self.relay.totals["published"]
+        if self.published != target:
+            raise RuntimeError(f"the relay published {self.published - target + count} of {count}")
+        return count / elapsed
 
 
 def commit_to_publish_ms(

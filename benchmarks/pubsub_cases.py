@@ -39,9 +39,9 @@ from benchmarks.cases import Case
 from benchmarks.common import (
     PAYLOAD,
     Figure,
+    PollingRelay,
     commit_to_publish_ms,
     outbox,
-    relay_drain,
     taking_turns,
     timed,
 )
@@ -175,9 +175,9 @@ def drain_pubsub(keys: int) -> Case:
 
         def relayed() -> float:
             topic = PubSubTopic(client, new_topic(client), bytes)
-            with outbox() as (pool, schema, store):
+            with outbox() as (pool, schema, store), PollingRelay(store, [topic], BATCH) as relay:
                 _fill(pool, schema, topic.name, count, keys)
-                return timed(lambda: relay_drain(store, [topic], BATCH, count))
+                return relay.drain(count)
 
         case_values, bound_values = taking_turns(bound, relayed, 3 if quick else 5)
         shape = {0: "no ordering key", 1: "1 ordering key"}.get(keys, f"{keys} ordering keys")

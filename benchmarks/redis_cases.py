@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import redis
 
 from benchmarks.cases import Case
-from benchmarks.common import PAYLOAD, Figure, NullTopic, relay_drain, taking_turns, timed
+from benchmarks.common import PAYLOAD, Figure, NullTopic, PollingRelay, taking_turns, timed
 from outboxbind import OutboxEntry
 from outboxbind.stores.redis import RedisStore, persister
 
@@ -113,9 +113,8 @@ def drain_redis(batch: int) -> Case:
             with redis_outbox() as (client, prefix):
                 _fill(client, prefix, count)
                 store = RedisStore(client, prefix=prefix)
-                return timed(
-                    functools.partial(relay_drain, store, [NullTopic(TOPIC)], batch, count)
-                )
+                with PollingRelay(store, [NullTopic(TOPIC)], batch) as relay:
+                    return relay.drain(count)
 
         # each side on a fresh prefix
         case_values, bound_values = taking_turns(bound, relayed, 3 if quick else 5)

@@ -22,12 +22,16 @@ The rules a store keeps:
   :class:`~outboxbind.errors.LeaseLost` instead.
 * **Fair.** When more sequences are due than fit in ``limit``, no sequence takes the whole batch
   while others wait.
+
+A store may also let a batch read the next one ahead (:class:`ReadAheadBatch`): the relay then
+checks out its next batch while this one's messages are being published, so the database works
+while the relay does. The next batch may continue this batch's sequences under the same leases.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -38,6 +42,9 @@ import attrs
 from outboxbind.messages import PersistedMessage
 
 T = TypeVar("T")
+
+SequenceKey = tuple[str, str]
+"""A sequence as stores key it: ``(topic, ordering_key or "")``."""
 
 __all__ = [
     "AsyncMessageBatch",
@@ -50,6 +57,8 @@ __all__ = [
     "AsyncBufferedBatch",
     "BufferedBatch",
     "MarkedOutcome",
+    "ReadAheadBatch",
+    "AsyncReadAheadBatch",
     "WakeupSource",
     "integer_ids",
     "round_robin",
@@ -99,6 +108,35 @@ class MessageBatch(Protocol):
     ) -> None: ...
 
 
+@runtime_checkable
+class ReadAheadBatch(Protocol):
+    """A batch that can check out the next batch while it is still open (optional).
+
+    The relay's poll loop uses it when batches come back full: it calls :meth:`read_ahead` as
+    it starts publishing this batch, publishes the next batch in the next round, and closes this
+    batch while the next one publishes. This batch is always closed before the next one.
+    """
+
+    def read_ahead(
+        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+    ) -> MessageBatch | None:
+        """Check out the next batch, as :meth:`Store.checkout_batch` would, while this one is
+        open; called at most once, before :meth:`MessageBatch.close`.
+
+        The next batch may also hold the sequences of ``continuing`` (some of this batch's
+        sequences): their messages after this batch's last one of each, under this batch's
+        leases, extended. This batch's close then applies its marks under those leases (the
+        fencing rule holds as before) and keeps them for the next batch, which ends them. A
+        store may leave a sequence out of the next batch (to be fair to sequences nobody
+        holds, say); this batch's close then ends its lease as usual.
+
+        The relay does not publish the next batch's messages of a sequence of which this batch
+        left a message unpublished; it names only the others in ``continuing`` of the batch
+        after that, so a sequence that stopped is never carried further.
+        """
+        ...
+
+
 class Store(Protocol):
     """A place the relay checks out outbox messages from."""
 
@@ -131,6 +169,17 @@ class AsyncMessageBatch(Protocol):
 
     async def close(self) -> None:
         """See :meth:`MessageBatch.close`."""
+        ...
+
+
+@runtime_checkable
+class AsyncReadAheadBatch(Protocol):
+    """The asyncio twin of :class:`ReadAheadBatch`."""
+
+    async def read_ahead(
+        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+    ) -> AsyncMessageBatch | None:
+        """See :meth:`ReadAheadBatch.read_ahead`."""
         ...
 
 
@@ -238,6 +287,18 @@ class _ThreadedBatch:
         await self._store.run(self._batch.close)
 
 
+class _ThreadedReadAheadBatch(_ThreadedBatch):
+    _batch: ReadAheadBatch  # type: ignore[assignment]
+
+    async def read_ahead(
+        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+    ) -> AsyncMessageBatch | None:
+        batch = await self._store.run(
+            lambda: self._batch.read_ahead(topic_names, limit, continuing)
+        )
+        return None if batch is None else self._store.wrap(batch)
+
+
 class _ThreadedStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -251,7 +312,12 @@ class _ThreadedStore:
         self, topic_names: Sequence[str], limit: int
     ) -> AsyncMessageBatch | None:
         batch = await self.run(lambda: self.store.checkout_batch(topic_names, limit))
-        return None if batch is None else _ThreadedBatch(batch, self)
+        return None if batch is None else self.wrap(batch)
+
+    def wrap(self, batch: MessageBatch) -> AsyncMessageBatch:
+        if isinstance(batch, ReadAheadBatch):
+            return _ThreadedReadAheadBatch(batch, self)
+        return _ThreadedBatch(batch, self)
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
         if isinstance(self.store, WakeupSource):
@@ -273,9 +339,6 @@ def threaded(store: Store) -> AsyncStore:
 
 # -- helpers for store authors -------------------------------------------------------------------
 
-SequenceKey = tuple[str, str]
-"""A sequence as stores key it: ``(topic, ordering_key or "")``."""
-
 MarkedOutcome = tuple[Literal["published", "failed", "dead"], PersistedMessage, str | None,
                       timedelta | None]  # fmt: skip
 """What a batch was told about one message: kind, message, detail (the publish id of a published
@@ -288,6 +351,8 @@ class _MarkBuffer:
         self._leased = {message.id: message for message in messages}
         self.tokens = tokens
         self.outcomes: dict[SequenceKey, list[MarkedOutcome]] = {}
+        #: Sequences whose lease passed to the batch read ahead: close keeps their leases.
+        self.passed_on: set[SequenceKey] = set()
         self.closed = False
 
     @property
@@ -325,7 +390,8 @@ class BufferedBatch(_MarkBuffer):
     """A :class:`MessageBatch` that buffers its marks and applies them on :meth:`close`.
 
     A store makes it with the leased messages, the lease token of each sequence, and its
-    ``apply`` function, which :meth:`close` calls once with the batch: it reads ``batch.tokens``
+    ``apply`` function, which :meth:`close` calls once with the batch: it reads ``batch.tokens``,
+    ``batch.passed_on`` (leases to keep for the batch read ahead, see :class:`ReadAheadBatch`)
     and ``batch.outcomes`` (each sequence's marks in the order they were made). Buffering keeps
     marks free of I/O and lets the store apply one batch in one transaction, with one fencing
     check per sequence.

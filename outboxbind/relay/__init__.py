@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
@@ -23,8 +23,10 @@ from outboxbind.errors import ConfigurationError, NotAttempted, TopicAlreadyRegi
 from outboxbind.messages import PersistedMessage
 from outboxbind.relay.engine import (
     Call,
+    Collect,
     Effect,
     Marks,
+    Meanwhile,
     ProcessResult,
     Publish,
     RelayEngine,
@@ -215,6 +217,8 @@ class Relay(_RelayBase):
         self.store = store
         self._publish_concurrency = max(1, publish_concurrency)
         self._executor: ThreadPoolExecutor | None = None
+        self._store_threads: ThreadPoolExecutor | None = None  # the poll loop's background calls
+        self._in_flight: list[Future[object]] = []
         self._wakeup = threading.Event()
         self._running = threading.Lock()
         self._stopped = threading.Event()
@@ -250,6 +254,9 @@ class Relay(_RelayBase):
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
                 self._executor = None
+            if self._store_threads is not None:
+                self._store_threads.shutdown(wait=False)
+                self._store_threads = None
             self._control = StopControl()
             self._stopped.set()
             self._running.release()
@@ -290,14 +297,23 @@ class Relay(_RelayBase):
                 except Exception as exc:
                     error = exc
         except BaseException:
-            self._release_open_batch()
+            self._release_open_batches()
             raise
 
-    def _release_open_batch(self) -> None:
-        batch, self._engine.open_batch = self._engine.open_batch, None
-        if batch is not None:
+    def _release_open_batches(self) -> None:
+        batches, self._engine.open_batches = self._engine.open_batches, []
+        in_flight, self._in_flight = self._in_flight, []
+        for future in in_flight:  # the store's background calls: let them end, keep a batch
             try:
-                batch.close()  # type: ignore[attr-defined]
+                result = future.result(timeout=30)
+            except Exception as exc:
+                log.warning("a store call of an interrupted round failed: %s", exc)
+                continue
+            if hasattr(result, "close"):
+                batches.append(result)
+        for batch in batches:  # oldest first: a batch read ahead continues the one before
+            try:
+                batch.close()
             except Exception as exc:
                 log.warning("releasing the outbox batch of an interrupted round failed: %s", exc)
 
@@ -312,6 +328,15 @@ class Relay(_RelayBase):
             return None
         if isinstance(effect, Publish):
             return self._publish(effect)
+        if isinstance(effect, Meanwhile):
+            if self._store_threads is None:
+                self._store_threads = ThreadPoolExecutor(2, thread_name_prefix="outboxbind-store")
+            self._in_flight = [self._store_threads.submit(self._perform, c) for c in effect.calls]
+            return self._in_flight
+        if isinstance(effect, Collect):
+            futures: list[Future[object]] = effect.handle  # type: ignore[assignment]
+            self._in_flight = []
+            return [_result_or_error(future) for future in futures]
         return self._sleep(effect.seconds)
 
     def _sleep(self, seconds: float) -> bool:
@@ -353,6 +378,13 @@ class Relay(_RelayBase):
                 self._busy_topics.add(topic.name)
                 future.add_done_callback(functools.partial(self._not_busy, topic.name))
         return results
+
+
+def _result_or_error(future: Future[object]) -> object:
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
 
 
 def _publish_group(
@@ -400,6 +432,7 @@ class AsyncRelay(_RelayBase):
         )
         self.store: AsyncStore = store  # type: ignore[assignment]
         self._wakeup: asyncio.Event | None = None
+        self._in_flight: list[asyncio.Future[object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
 
@@ -479,11 +512,19 @@ class AsyncRelay(_RelayBase):
                     value = await self._perform(effect)
                 except Exception as exc:
                     error = exc
-        except BaseException:  # cancelled mid-round: give the batch back rather than hold it
-            batch, self._engine.open_batch = self._engine.open_batch, None
-            if batch is not None:
+        except BaseException:  # cancelled mid-round: give the batches back rather than hold them
+            batches, self._engine.open_batches = self._engine.open_batches, []
+            in_flight, self._in_flight = self._in_flight, []
+            if in_flight:  # the store's background calls: let them end, keep a batch
+                gathered = asyncio.gather(*in_flight, return_exceptions=True)
                 try:
-                    await asyncio.shield(batch.close())  # type: ignore[attr-defined]
+                    results = await asyncio.wait_for(asyncio.shield(gathered), 30)
+                    batches += [r for r in results if hasattr(r, "close")]
+                except Exception as exc:
+                    log.warning("the store calls of a cancelled round did not end: %s", exc)
+            for batch in batches:  # oldest first: a batch read ahead continues the one before
+                try:
+                    await asyncio.shield(batch.close())
                 except Exception as exc:
                     log.warning("releasing the batch of a cancelled round failed: %s", exc)
             raise
@@ -499,6 +540,14 @@ class AsyncRelay(_RelayBase):
             return await asyncio.gather(
                 *(self._publish_group(topic, msgs, effect.timeout) for topic, msgs in effect.groups)
             )
+        if isinstance(effect, Meanwhile):
+            self._in_flight = [asyncio.ensure_future(self._perform(c)) for c in effect.calls]
+            return self._in_flight
+        if isinstance(effect, Collect):
+            tasks: list[asyncio.Future[object]] = effect.handle  # type: ignore[assignment]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self._in_flight = []
+            return results
         return await self._sleep(effect.seconds)
 
     async def _sleep(self, seconds: float) -> bool:

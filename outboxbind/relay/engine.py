@@ -6,7 +6,9 @@ The engine does no I/O. Its two generators, :meth:`RelayEngine.process` (one rou
 * :class:`Call` - call a method of the store or of a batch (awaited by the asyncio face);
 * :class:`Marks` - tell a batch what happened to each of its messages;
 * :class:`Publish` - publish a batch's messages, one group per topic, concurrently;
-* :class:`Sleep` - wait between rounds, ending early on a wake-up or a stop.
+* :class:`Sleep` - wait between rounds, ending early on a wake-up or a stop;
+* :class:`Meanwhile`, :class:`Collect` - start store calls in the background, then wait for
+  them (the poll loop closes the last batch and reads the next one ahead while it publishes).
 
 A driver (``outboxbind.relay.Relay`` or ``AsyncRelay``) performs each effect and sends its
 result back in, or throws its exception in. So every decision (what to ack, when to retry, when
@@ -29,7 +31,17 @@ from outboxbind.messages import PersistedMessage
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
 from outboxbind.topics import Topic
 
-__all__ = ["Call", "Marks", "ProcessResult", "Publish", "RelayEngine", "Sleep", "StopControl"]
+__all__ = [
+    "Call",
+    "Collect",
+    "Marks",
+    "Meanwhile",
+    "ProcessResult",
+    "Publish",
+    "RelayEngine",
+    "Sleep",
+    "StopControl",
+]
 
 log = logging.getLogger("outboxbind.relay")
 
@@ -78,7 +90,28 @@ class Sleep:
     seconds: float
 
 
-Effect = Call | Marks | Publish | Sleep
+@attrs.frozen
+class Meanwhile:
+    """Effect: start ``calls`` in the background, each on its own (they are independent); the
+    driver answers at once with a handle for :class:`Collect`.
+
+    The calls are the store's work for the next round (close the previous batch, read the next
+    one ahead), so the database works while this round publishes and records its outcomes.
+    """
+
+    calls: tuple[Call, ...]
+
+
+@attrs.frozen
+class Collect:
+    """Effect: wait for the calls started by :class:`Meanwhile`; the driver answers with each
+    call's return value or the exception it raised."""
+
+    calls: tuple[Call, ...]
+    handle: object
+
+
+Effect = Call | Collect | Marks | Meanwhile | Publish | Sleep
 
 
 @attrs.frozen
@@ -126,6 +159,34 @@ class StopControl:
         return self.requested and (not self.drain or time.monotonic() >= self.deadline)
 
 
+SequenceKey = tuple[str, str]
+
+
+def _sequence(message: PersistedMessage) -> SequenceKey:
+    return (message.topic, message.ordering_key or "")
+
+
+@attrs.define
+class _Pipeline:
+    """The poll loop's batches between rounds.
+
+    Attributes:
+        previous: the last round's batch, published and marked, not yet closed: the batch read
+            ahead continues its sequences, and it is closed while that one publishes.
+        troubled: the sequences of ``previous`` with a message that was not published (failed,
+            not attempted, held back): their messages in ``ahead`` are held back.
+        ahead: the batch read ahead while ``previous`` published; the next round publishes it.
+    """
+
+    previous: Any = None
+    troubled: frozenset[SequenceKey] = frozenset()
+    ahead: Any = None
+
+    def take_ahead(self) -> Any:
+        batch, self.ahead = self.ahead, None
+        return batch
+
+
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -155,39 +216,72 @@ class RelayEngine:
         self.max_store_backoff = max_store_backoff
         self.rng = rng
         self.totals = {"published": 0, "failed": 0, "dead": 0, "store_errors": 0}
-        #: The batch of the round in progress, so a driver that is cancelled mid-round (task
-        #: cancellation, KeyboardInterrupt) can release it instead of leaving it leased.
-        self.open_batch: object | None = None
+        #: The batches not yet closed, oldest first, so a driver that is cancelled mid-round
+        #: (task cancellation, KeyboardInterrupt) can close them instead of leaving them leased.
+        self.open_batches: list[Any] = []
 
     # -- one round ------------------------------------------------------------------------------
 
     def process(self, limit: int) -> Generator[Effect, Any, ProcessResult]:
         """One round: check out up to ``limit`` messages, publish them, record the outcomes."""
-        try:
-            batch = yield Call(self.store, "checkout_batch", (list(self.topics), limit))
-        except Exception as exc:
-            log.warning("outbox checkout failed: %s", _describe(exc), exc_info=exc)
-            self.totals["store_errors"] += 1
-            return ProcessResult(store_error=exc)
+        return (yield from self._round(limit, None))
+
+    def _round(
+        self, limit: int, pipeline: _Pipeline | None
+    ) -> Generator[Effect, Any, ProcessResult]:
+        """One round. With a ``pipeline`` (the poll loop), the round publishes the batch read
+        ahead by the round before if there is one, closes that round's batch and reads the next
+        batch ahead while it publishes, and leaves its own batch open for the next round to
+        close. Without one, it checks out, publishes and closes, one after another."""
+        batch = pipeline.take_ahead() if pipeline is not None else None
+        held_back: frozenset[SequenceKey] = frozenset()
         if batch is None:
-            return ProcessResult()
-        self.open_batch = batch
+            if pipeline is not None and pipeline.previous is not None:
+                yield from self.flush(pipeline)  # its close is not overlapped with anything
+            try:
+                batch = yield Call(self.store, "checkout_batch", (list(self.topics), limit))
+            except Exception as exc:
+                log.warning("outbox checkout failed: %s", _describe(exc), exc_info=exc)
+                self.totals["store_errors"] += 1
+                return ProcessResult(store_error=exc)
+            if batch is None:
+                return ProcessResult()
+            self.open_batches.append(batch)
+        elif pipeline is not None:
+            held_back = pipeline.troubled
 
         messages: Sequence[PersistedMessage] = batch.messages
         successes = errors = dead = 0
         store_error: BaseException | None = None
+        published: set[str] = set()  # ids published or given up on: their sequence goes on
+        background: Collect | None = None  # the store's calls made while this round publishes
         try:
-            groups = self._group_by_topic(messages)
-            outcomes = yield Publish(
+            groups = self._group_by_topic(messages, held_back)
+            publish = Publish(
                 [(self.topics[name].topic, group) for name, group in groups.items()],
                 self.publish_timeout,
             )
+            calls: list[Call] = []
+            if pipeline is not None and pipeline.previous is not None:
+                calls.append(Call(pipeline.previous, "close", ()))
+            reads_ahead = (
+                pipeline is not None
+                and len(messages) >= limit  # a full batch: more is probably waiting
+                and callable(getattr(batch, "read_ahead", None))
+            )
+            if reads_ahead:
+                continuing = {_sequence(m) for m in messages} - held_back
+                calls.append(Call(batch, "read_ahead", (list(self.topics), limit, continuing)))
+            if calls:
+                background = Collect(tuple(calls), (yield Meanwhile(tuple(calls))))
+            outcomes = yield publish
             marks: list[Mark] = []
             for name, group_outcomes in zip(groups, outcomes, strict=True):
                 registration = self.topics[name]
                 for message, outcome in zip(groups[name], group_outcomes, strict=True):
                     if isinstance(outcome, str):
                         marks.append(("mark_published", (message, outcome)))
+                        published.add(message.id)
                         successes += 1
                     elif isinstance(outcome, NotAttempted):
                         continue  # released on close, no attempt counted
@@ -195,18 +289,29 @@ class RelayEngine:
                         errors += 1
                         mark, gave_up = self._failure(registration, message, outcome)
                         marks.append(mark)
+                        if gave_up and registration.poison == "park":
+                            published.add(message.id)  # parked: its sequence goes on
                         dead += gave_up
             if marks:
                 yield Marks(batch, marks)
         except Exception as exc:
             store_error = exc
             log.warning("recording publish outcomes failed: %s", _describe(exc), exc_info=exc)
-        try:
-            yield Call(batch, "close", ())
-        except Exception as exc:
-            store_error = store_error or exc
-            log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
-        self.open_batch = None
+        if background is not None:
+            results = yield background
+            store_error = self._after_overlap(pipeline, background.calls, results) or store_error
+        if pipeline is not None and pipeline.ahead is not None:
+            # the next batch continues this one: it is closed next round, after the messages
+            # the next batch holds of a sequence this one did not finish are held back
+            pipeline.previous = batch
+            pipeline.troubled = frozenset(_sequence(m) for m in messages if m.id not in published)
+        else:
+            try:
+                yield Call(batch, "close", ())
+            except Exception as exc:
+                store_error = store_error or exc
+                log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+            self.open_batches.remove(batch)
         if store_error is not None:
             self.totals["store_errors"] += 1
         self.totals["published"] += successes
@@ -214,13 +319,56 @@ class RelayEngine:
         self.totals["dead"] += dead
         return ProcessResult(successes, errors, store_error, len(messages), dead)
 
+    def _after_overlap(
+        self, pipeline: _Pipeline | None, calls: Sequence[Call], results: Sequence[object]
+    ) -> BaseException | None:
+        """Take in what the store did while the round published; return its first error."""
+        assert pipeline is not None
+        error: BaseException | None = None
+        for call, result in zip(calls, results, strict=True):
+            if call.method == "close":
+                self.open_batches.remove(call.target)
+                pipeline.previous = None
+                if isinstance(result, BaseException):
+                    log.warning("closing the outbox batch failed: %s", _describe(result),
+                                exc_info=result)  # fmt: skip
+                    error = error or result
+            elif isinstance(result, BaseException):
+                log.warning("reading the next outbox batch ahead failed: %s", _describe(result),
+                            exc_info=result)  # fmt: skip
+                error = error or result
+            elif result is not None:
+                self.open_batches.append(result)
+                pipeline.ahead = result
+        return error
+
+    def flush(self, pipeline: _Pipeline) -> Generator[Effect, Any, BaseException | None]:
+        """Close the batches the pipeline holds, oldest first: the previous round's (applying
+        its marks) and the one read ahead (released unpublished). Returns the first error."""
+        error: BaseException | None = None
+        for batch in (pipeline.previous, pipeline.take_ahead()):
+            if batch is None:
+                continue
+            try:
+                yield Call(batch, "close", ())
+            except Exception as exc:
+                log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+                error = error or exc
+            self.open_batches.remove(batch)
+        pipeline.previous = None
+        pipeline.troubled = frozenset()
+        return error
+
     def _group_by_topic(
-        self, messages: Sequence[PersistedMessage]
+        self, messages: Sequence[PersistedMessage], held_back: frozenset[SequenceKey]
     ) -> dict[str, list[PersistedMessage]]:
         groups: dict[str, list[PersistedMessage]] = {}
         for message in messages:
-            if message.topic in self.topics:  # anything else is released on close
-                groups.setdefault(message.topic, []).append(message)
+            if message.topic not in self.topics:
+                continue  # released on close
+            if held_back and _sequence(message) in held_back:
+                continue  # an earlier message of its sequence was not published: released
+            groups.setdefault(message.topic, []).append(message)
         return groups
 
     def _failure(
@@ -252,26 +400,33 @@ class RelayEngine:
     # -- the poll loop --------------------------------------------------------------------------
 
     def poll(self, batch_size: int, control: StopControl) -> Generator[Effect, Any, None]:
-        """Rounds until ``control`` says stop: at once while batches come back full, else after
-        a jittered ``poll_interval`` (cut short by a wake-up), backing off on store errors."""
+        """Rounds until ``control`` says stop: at once while rounds publish something, else
+        after a jittered ``poll_interval`` (cut short by a wake-up), backing off on store errors.
+
+        While batches come back full, each round reads the next batch ahead (when the store
+        can) as it publishes, so the database's work overlaps the relay's. No batch is held
+        across a sleep or past the end."""
         store_failures = 0
         hints_left = 0
+        pipeline = _Pipeline()
         while not control.should_stop_now():
-            result = yield from self.process(batch_size)
+            result = yield from self._round(batch_size, pipeline)
             if result.store_error is not None:
                 store_failures += 1
+                yield from self.flush(pipeline)
                 if control.requested:
-                    return
+                    break
                 yield Sleep(self._store_backoff(store_failures))
                 continue
             store_failures = 0
             progressed = result.successes + result.errors > 0  # not only released messages
             if control.requested:
                 if not progressed:
-                    return  # drained: nothing is due, or nothing can be published now
+                    break  # drained: nothing is due, or nothing can be published now
                 continue
-            if progressed and result.checked_out >= batch_size:
-                continue  # a full batch: more is probably waiting
+            if progressed:
+                continue  # more may be waiting (a batch is not always full when more is)
+            yield from self.flush(pipeline)
             if result.checked_out == 0 and hints_left > 0:
                 delay = self.HINT_DELAYS[len(self.HINT_DELAYS) - hints_left]
                 hints_left -= 1
@@ -281,6 +436,7 @@ class RelayEngine:
             woken = yield Sleep(delay)
             if woken:
                 hints_left = len(self.HINT_DELAYS)
+        yield from self.flush(pipeline)
 
     def _idle_delay(self) -> float:
         spread = self.poll_jitter * (2.0 * self.rng.random() - 1.0)

@@ -18,7 +18,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -38,6 +38,11 @@ from outboxbind.store import (
 )
 
 __all__ = ["InMemoryBatch", "InMemoryStore", "InMemoryTransaction"]
+
+#: How many batches in a row a read-ahead carries a sequence on after its batch's last message;
+#: then it is read from its head again, so a row committed late with an earlier id is not
+#: passed over for long.
+MOST_CONTINUATIONS = 16
 
 
 @attrs.define
@@ -151,6 +156,15 @@ class InMemoryStore:
 
     def checkout_batch(self, topic_names: Sequence[str], limit: int) -> InMemoryBatch | None:
         """Lease up to ``limit`` due messages of ``topic_names``, fairly across sequences."""
+        return self._checkout(topic_names, limit)
+
+    def _checkout(
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        parent: InMemoryBatch | None = None,
+        continuing: Collection[SequenceKey] = (),
+    ) -> InMemoryBatch | None:
         if not topic_names or limit <= 0:
             return None
         wanted = set(topic_names)
@@ -165,16 +179,56 @@ class InMemoryStore:
                     due.append(sequence)
                     if len(due) >= limit:
                         break
-            if not due:
+            after: dict[SequenceKey, int] = {}  # continued sequences: from after this id
+            if parent is not None and self._cannot_fill(due, limit, now):
+                after = self._continuable(parent, continuing)
+            if not due and not after:
                 return None
-            share = -(-limit // len(due))  # limit split evenly across the due sequences
+            share = -(-limit // (len(due) + len(after)))  # limit split evenly
             taken = {s: self._due_prefix(self._sequences[s], share, now) for s in due}
+            for sequence, last in after.items():
+                rows = [row for row in self._sequences.get(sequence, []) if row.id > last]
+                taken[sequence] = self._due_prefix(rows, share, now)
             tokens = {}
             for sequence in taken:
-                tokens[sequence] = secrets.token_hex(16)
+                if sequence in after:
+                    tokens[sequence] = self._leases[sequence][0]  # the same lease, extended
+                else:
+                    tokens[sequence] = secrets.token_hex(16)
                 self._leases[sequence] = (tokens[sequence], now + self.lease_duration)
         messages = [row.message() for row in round_robin(taken, limit)]
-        return InMemoryBatch(messages, tokens, self._close_batch)
+        last_ids = {(m.topic, m.ordering_key or ""): int(m.id) for m in messages}
+        depth = {}
+        if parent is not None:
+            parent.passed_on = set(after)
+            depth = {s: parent.continuations.get(s, 0) + 1 for s in after}
+        return InMemoryBatch(messages, tokens, self, last_ids, depth)
+
+    def _cannot_fill(self, due: list[SequenceKey], limit: int, now: float) -> bool:
+        found = 0
+        for sequence in due:
+            found += len(self._due_prefix(self._sequences[sequence], limit - found, now))
+            if found >= limit:
+                return False
+        return True
+
+    def _continuable(
+        self, parent: InMemoryBatch, continuing: Collection[SequenceKey]
+    ) -> dict[SequenceKey, int]:
+        """The sequences a read-ahead carries on: the parent's, still under its lease, each
+        with the id of its last message in the parent."""
+        after = {}
+        for sequence in continuing:
+            token, last = parent.tokens.get(sequence), parent.last_ids.get(sequence)
+            lease = self._leases.get(sequence)
+            if token is None or last is None or lease is None or lease[0] != token:
+                continue
+            if parent.continuations.get(sequence, 0) >= MOST_CONTINUATIONS:
+                continue  # let go, so that a row committed late with an earlier id is read
+            rows = [row for row in self._sequences.get(sequence, []) if row.id > last]
+            if self._due_prefix(rows, 1, self.clock()):  # only those with more to publish
+                after[sequence] = last
+        return after
 
     def _rotation(self, wanted: set[str]) -> Iterator[SequenceKey]:
         ordered = sorted(s for s in self._sequences if s[0] in wanted and self._sequences[s])
@@ -206,7 +260,8 @@ class InMemoryStore:
                 if lease is None or lease[0] != token:
                     lost.append(sequence)
                     continue
-                del self._leases[sequence]
+                if sequence not in batch.passed_on:  # else the batch read ahead holds it now
+                    del self._leases[sequence]
                 self._apply(sequence, batch.outcomes.get(sequence, []), now)
         if lost:
             names = ", ".join(f"{t}/{k or '*'}" for t, k in lost)
@@ -321,4 +376,30 @@ def _row_id(found: tuple[_Row, str]) -> int:
 
 
 class InMemoryBatch(BufferedBatch):
-    """Messages leased from an :class:`InMemoryStore`; marks are applied on close."""
+    """Messages leased from an :class:`InMemoryStore`; marks are applied on close.
+
+    It can read the next batch ahead (:class:`~outboxbind.store.ReadAheadBatch`).
+    """
+
+    def __init__(
+        self,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+        store: InMemoryStore,
+        last_ids: dict[SequenceKey, int],
+        continuations: dict[SequenceKey, int],
+    ) -> None:
+        super().__init__(messages, tokens, store._close_batch)
+        self._store = store
+        self.last_ids = last_ids
+        self.continuations = continuations
+
+    def read_ahead(
+        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+    ) -> InMemoryBatch | None:
+        """Check out the next batch while this one publishes; the sequences of
+        ``continuing`` are carried on when the free ones cannot fill it, at most
+        :data:`MOST_CONTINUATIONS` batches in a row."""
+        if self.closed:
+            raise RuntimeError("this batch is closed")
+        return self._store._checkout(topic_names, limit, self, continuing)

@@ -24,6 +24,10 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- (%(claim)s), by which the next statement finds them. Committed before anything is published;
 -- the messages are read by the next statement, with a fresh snapshot (this one's may predate
 -- another relay's ack of the same sequence, if the claim had to wait).
+-- A read-ahead (a batch still publishing asks for the next) also names the sequences it may
+-- continue (%(continue_topics)s, ..., with its lease tokens): when the free sequences cannot
+-- fill the batch, those leases are extended and renamed to this claim, so the read finds them
+-- too. The last column says which leases were continued.
 WITH RECURSIVE wanted (topic, after, place) AS (
     SELECT * FROM unnest(%(topics)s::text[], %(after)s::text[]) WITH ORDINALITY
 ),
@@ -155,29 +159,61 @@ fresh AS (
     ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
     ON CONFLICT (topic, ordering_key) DO NOTHING
     RETURNING topic, ordering_key, token
+),
+-- the read-ahead's own sequences, when the free ones cannot fill the batch
+continued AS (
+    UPDATE {leases} l
+    SET owner = %(claim)s,
+        expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+    FROM unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
+                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[])
+         AS c (topic, ordering_key, token, after)
+    WHERE l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
+      AND (SELECT max(total) FROM taking) < %(limit)s
+      AND (  -- it has a due message after the batch's last one
+          SELECT o.position FROM {outbox} o
+          WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.position > c.after
+            AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+            AND o.position < coalesce((
+                SELECT min(w.position) FROM {outbox} w
+                WHERE w.topic = c.topic AND w.ordering_key = c.ordering_key AND w.attempts > 0
+                  AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
+            ), 9223372036854775807)
+          ORDER BY o.position LIMIT 1
+      ) IS NOT NULL
+    RETURNING l.topic, l.ordering_key, l.token
 )
-SELECT topic, ordering_key, token FROM taken_over
+SELECT topic, ordering_key, token, false FROM taken_over
 UNION ALL
-SELECT topic, ordering_key, token FROM fresh
+SELECT topic, ordering_key, token, false FROM fresh
+UNION ALL
+SELECT topic, ordering_key, token, true FROM continued
 
 -- name: claimed_messages
 -- The due messages of the sequences the claim just leased (found by its name, %(claim)s), in
 -- order: each sequence's even share of the batch, up to the first message that waits for a
--- retry. The caller interleaves the sequences and cuts at the batch size (at most one message
--- short of a share per sequence too many is read).
+-- retry. A continued sequence starts after the position its batch ended at (%(continue_after)s).
+-- The caller interleaves the sequences and cuts at the batch size (at most one message short
+-- of a share per sequence too many is read).
 WITH claimed AS (
-    SELECT topic, ordering_key FROM {leases} WHERE owner = %(claim)s
+    SELECT l.topic, l.ordering_key, coalesce(a.position, -9223372036854775808) AS after
+    FROM {leases} l
+    LEFT JOIN unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
+                     %(continue_after)s::bigint[]) AS a (topic, ordering_key, position)
+      ON a.topic = l.topic AND a.ordering_key = l.ordering_key
+    WHERE l.owner = %(claim)s
 ),
 share (n) AS (
     SELECT ceil(%(limit)s::float8 / greatest(count(*), 1))::bigint FROM claimed
 )
-SELECT m.topic, m.ordering_key, m.id, m.data, m.attributes, m.created_at, m.attempts
+SELECT m.topic, m.ordering_key, m.id, m.position, m.data, m.attributes, m.created_at, m.attempts
 FROM claimed c
 CROSS JOIN LATERAL (
-    SELECT o.topic, o.ordering_key, o.id, o.data, o.attributes, o.created_at, o.attempts
+    SELECT o.topic, o.ordering_key, o.id, o.position, o.data, o.attributes, o.created_at,
+           o.attempts
     FROM {outbox} o
     WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
-      AND o.position IS NOT NULL
+      AND o.position > c.after
       AND o.available_at <= coalesce(%(now)s::timestamptz, now())
       AND o.position < coalesce((
           SELECT min(w.position) FROM {outbox} w
@@ -190,15 +226,32 @@ CROSS JOIN LATERAL (
 
 -- name: close_batch
 -- Apply a batch's outcomes for the sequences whose lease still carries its token, and end those
--- leases, in one statement. Returns the sequences it held; any other lease was taken over.
+-- leases, in one statement; a lease passed on to the batch read ahead (%(lease_kept)s) is kept.
+-- Returns the sequences it held; any other lease was taken over.
 -- Each change is driven by the messages' primary keys; the held sequences are only a filter
 -- (an array computed once), so the plan never walks a whole sequence, whatever the statistics.
-WITH held AS (
+WITH batch_leases AS (
+    SELECT * FROM unnest(%(lease_topics)s::text[], %(lease_keys)s::text[],
+                         %(lease_tokens)s::bigint[], %(lease_kept)s::boolean[])
+           AS h (topic, ordering_key, token, kept)
+),
+ended AS (
     DELETE FROM {leases} l
-    USING unnest(%(lease_topics)s::text[], %(lease_keys)s::text[], %(lease_tokens)s::bigint[])
-          AS h (topic, ordering_key, token)
+    USING batch_leases h
     WHERE l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
+      AND NOT h.kept
     RETURNING l.topic, l.ordering_key
+),
+passed_on AS (
+    SELECT l.topic, l.ordering_key
+    FROM {leases} l JOIN batch_leases h
+      ON l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
+    WHERE h.kept
+),
+held AS (
+    SELECT topic, ordering_key FROM ended
+    UNION ALL
+    SELECT topic, ordering_key FROM passed_on
 ),
 acked AS (
     DELETE FROM {outbox} o

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,6 +49,11 @@ log = logging.getLogger("outboxbind.stores.postgres")
 #: - their statements always have the same shape, so each is prepared at its first use on a
 #:   connection (``prepare=True``, not after psycopg's default five uses) and planned once (a
 #:   generic plan) rather than at every execution.
+#: How many batches in a row a read-ahead continues a sequence after its batch's last position.
+#: Then the sequence is let go for one round and read again from its head, so a row committed
+#: late with an earlier position (guarantee 4) waits at most this many batches.
+MOST_CONTINUATIONS = 16
+
 RELAY_TRANSACTION = (
     "SELECT set_config('synchronous_commit', 'off', true), set_config('jit', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
@@ -85,11 +90,28 @@ class _Statements:
     def now(self) -> datetime | None:
         return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
 
-    def checkout_params(self, topics: Sequence[str], limit: int) -> dict[str, Any]:
-        """The parameters of the claim and of the read that follows it in the same round trip."""
+    def checkout_params(
+        self,
+        topics: Sequence[str],
+        limit: int,
+        parent: PostgresBatch | AsyncPostgresBatch | None = None,
+        continuing: Collection[SequenceKey] = (),
+    ) -> dict[str, Any]:
+        """The parameters of the claim and of the read that follows it in the same round trip;
+        for a read-ahead, also the ``parent`` batch's sequences it may continue."""
         wanted = sorted(set(topics))
         start = bisect.bisect_right(wanted, self._last_topic)  # just after the last one leased
         wanted = wanted[start:] + wanted[:start]
+        going_on: list[tuple[SequenceKey, str, int]] = []
+        if parent is not None:
+            for sequence in continuing:
+                token = parent.tokens.get(sequence)
+                after = parent.last_positions.get(sequence)
+                if token is None or after is None:
+                    continue  # not this batch's, or none of its messages are in it
+                if parent.continuations.get(sequence, 0) >= MOST_CONTINUATIONS:
+                    continue  # let go: read from its head next time
+                going_on.append((sequence, token, after))
         return {
             "topics": wanted,
             "after": [self._cursors.get(topic, "") for topic in wanted],
@@ -98,37 +120,48 @@ class _Statements:
             "claim": f"{self.owner} #{next(self._claims)}",  # the name of this claim's leases
             "lease_seconds": self.lease_duration,
             "now": self.now(),
+            "continue_topics": [sequence[0] for sequence, _, _ in going_on],
+            "continue_keys": [sequence[1] for sequence, _, _ in going_on],
+            "continue_tokens": [int(token) for _, token, _ in going_on],
+            "continue_after": [after for _, _, after in going_on],
         }
 
     def claimed(
         self, rows: Sequence[tuple[Any, ...]], params: dict[str, Any]
-    ) -> dict[SequenceKey, str]:
-        """The leases a claim statement returned: sequence -> token; moves the cursors."""
+    ) -> tuple[dict[SequenceKey, str], set[SequenceKey]]:
+        """The leases a claim statement returned (sequence -> token), and which of them were
+        continued from the batch that read ahead; moves the cursors past the others."""
         tokens: dict[SequenceKey, str] = {}
+        continued: set[SequenceKey] = set()
         furthest: dict[str, str] = {}
-        for topic, key, token in rows:
+        for topic, key, token, was_continued in rows:
             tokens[(topic, key)] = str(token)
-            furthest[topic] = max(key, furthest.get(topic, key))
+            if was_continued:
+                continued.add((topic, key))
+            else:
+                furthest[topic] = max(key, furthest.get(topic, key))
         self._cursors.update(furthest)  # the next claim starts just after them
         if furthest:  # and with the topic after the furthest one leased, in the walk's order
             walked = params["topics"]
             self._last_topic = max(furthest, key=walked.index)
-        return tokens
+        return tokens, continued
 
     def batch_messages(
         self, rows: Sequence[tuple[Any, ...]], limit: int
-    ) -> tuple[list[PersistedMessage], dict[int, str]]:
-        """The batch's messages, and the rows that cannot be read as messages, with why.
+    ) -> tuple[list[PersistedMessage], dict[int, str], dict[SequenceKey, int]]:
+        """The batch's messages, the rows that cannot be read as messages (with why), and the
+        position of each sequence's last message in the batch.
 
         The rows come sequence after sequence, each in order. A sequence is cut at an unreadable
         row: the rows after it wait for the next batch, after the unreadable one has been parked.
         """
         by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
+        positions: dict[str, int] = {}
         unreadable: dict[int, str] = {}
         cut: set[SequenceKey] = set()
         sequence: SequenceKey | None = None
         messages: list[PersistedMessage] = []
-        for topic, key, id_, data, attributes, created_at, attempts in rows:
+        for topic, key, id_, position, data, attributes, created_at, attempts in rows:
             if sequence is None or topic != sequence[0] or key != sequence[1]:
                 sequence = (topic, key)
                 messages = by_sequence.setdefault(sequence, [])
@@ -144,12 +177,16 @@ class _Statements:
                 )[:2000]
                 cut.add(sequence)
                 continue
-            messages.append(
-                PersistedMessage(
-                    str(id_), topic, data, attributes, key or None, created_at, attempts
-                )
+            message = PersistedMessage(
+                str(id_), topic, data, attributes, key or None, created_at, attempts
             )
-        return round_robin(by_sequence, limit), unreadable
+            messages.append(message)
+            positions[message.id] = position
+        batch = round_robin(by_sequence, limit)
+        last_positions = {}
+        for message in batch:  # each sequence's in order: the last one seen is its last
+            last_positions[(message.topic, message.ordering_key or "")] = positions[message.id]
+        return batch, unreadable, last_positions
 
     def unreadable_params(self, unreadable: dict[int, str]) -> dict[str, Any]:
         for reason in unreadable.values():
@@ -183,6 +220,7 @@ class _Statements:
             "lease_topics": [topic for topic, _ in sequences],
             "lease_keys": [key for _, key in sequences],
             "lease_tokens": [int(batch.tokens[s]) for s in sequences],
+            "lease_kept": [s in batch.passed_on for s in sequences],
             # the ids came from this store's bigint column: sent as one array literal, which
             # the server parses, rather than adapted one by one
             "published": "{" + ",".join(published) + "}",
@@ -271,7 +309,36 @@ def _conninfo_of(
 
 
 class PostgresBatch(BufferedBatch):
-    """Messages leased from a :class:`PostgresStore`; marks are applied on close."""
+    """Messages leased from a :class:`PostgresStore`; marks are applied on close.
+
+    It can read the next batch ahead (:class:`~outboxbind.store.ReadAheadBatch`).
+    """
+
+    def __init__(
+        self,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+        store: PostgresStore,
+        last_positions: dict[SequenceKey, int],
+        continuations: dict[SequenceKey, int],
+    ) -> None:
+        super().__init__(messages, tokens, store._close_batch)
+        self._store = store
+        #: per sequence, the position of its last message in this batch
+        self.last_positions = last_positions
+        #: per sequence continued from the batch before, how many batches in a row it has been
+        self.continuations = continuations
+
+    def read_ahead(
+        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+    ) -> PostgresBatch | None:
+        """Check out the next batch while this one publishes; see
+        :meth:`outboxbind.store.ReadAheadBatch.read_ahead`. The sequences of ``continuing``
+        are carried on only when the sequences nobody holds cannot fill the batch, and at
+        most :data:`MOST_CONTINUATIONS` batches in a row."""
+        if self.closed:
+            raise RuntimeError("this batch is closed")
+        return self._store._checkout(topic_names, limit, self, continuing)
 
 
 class PostgresStore:
@@ -347,13 +414,23 @@ class PostgresStore:
         Two statements in one round trip: the claim commits first (so the leases hold before
         anything is published), then the messages are read with a fresh snapshot.
         """
+        return self._checkout(topic_names, limit)
+
+    def _checkout(
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        parent: PostgresBatch | None = None,
+        continuing: Collection[SequenceKey] = (),
+    ) -> PostgresBatch | None:
         if not topic_names or limit <= 0:
             return None
-        params = self._s.checkout_params(topic_names, limit)
+        params = self._s.checkout_params(topic_names, limit, parent, continuing)
         with self.pool.connection() as conn, conn.pipeline():
             conn.execute(RELAY_TRANSACTION, prepare=True)
             claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             conn.commit()
+            conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with each transaction
             reading = conn.execute(
                 self._s.sql["claimed_messages"],
                 params,
@@ -361,15 +438,19 @@ class PostgresStore:
                 prepare=True,
             )
             conn.commit()
-            claims = claiming.fetchall()  # one round trip for all four
+            claims = claiming.fetchall()  # one round trip for all of them
             if not claims:
                 return None
-            tokens = self._s.claimed(claims, params)
-            messages, unreadable = self._s.batch_messages(reading.fetchall(), limit)
+            tokens, continued = self._s.claimed(claims, params)
+            messages, unreadable, last_positions = self._s.batch_messages(reading.fetchall(), limit)
             if unreadable:
                 conn.execute(self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable))
                 conn.commit()
-        return PostgresBatch(messages, tokens, self._close_batch)
+        if parent is None:
+            return PostgresBatch(messages, tokens, self, last_positions, {})
+        parent.passed_on = continued
+        depth = {sequence: parent.continuations.get(sequence, 0) + 1 for sequence in continued}
+        return PostgresBatch(messages, tokens, self, last_positions, depth)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
@@ -410,7 +491,31 @@ class PostgresStore:
 
 
 class AsyncPostgresBatch(AsyncBufferedBatch):
-    """Messages leased from an :class:`AsyncPostgresStore`; marks are applied on close."""
+    """Messages leased from an :class:`AsyncPostgresStore`; marks are applied on close.
+
+    It can read the next batch ahead (:class:`~outboxbind.store.AsyncReadAheadBatch`).
+    """
+
+    def __init__(
+        self,
+        messages: list[PersistedMessage],
+        tokens: dict[SequenceKey, str],
+        store: AsyncPostgresStore,
+        last_positions: dict[SequenceKey, int],
+        continuations: dict[SequenceKey, int],
+    ) -> None:
+        super().__init__(messages, tokens, store._close_batch)
+        self._store = store
+        self.last_positions = last_positions
+        self.continuations = continuations
+
+    async def read_ahead(
+        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+    ) -> AsyncPostgresBatch | None:
+        """See :meth:`PostgresBatch.read_ahead`."""
+        if self.closed:
+            raise RuntimeError("this batch is closed")
+        return await self._store._checkout(topic_names, limit, self, continuing)
 
 
 class AsyncPostgresStore:
@@ -476,13 +581,23 @@ class AsyncPostgresStore:
         self, topic_names: Sequence[str], limit: int
     ) -> AsyncPostgresBatch | None:
         """See :meth:`PostgresStore.checkout_batch`."""
+        return await self._checkout(topic_names, limit)
+
+    async def _checkout(
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        parent: AsyncPostgresBatch | None = None,
+        continuing: Collection[SequenceKey] = (),
+    ) -> AsyncPostgresBatch | None:
         if not topic_names or limit <= 0:
             return None
-        params = self._s.checkout_params(topic_names, limit)
+        params = self._s.checkout_params(topic_names, limit, parent, continuing)
         async with self.pool.connection() as conn, conn.pipeline():
             await conn.execute(RELAY_TRANSACTION, prepare=True)
             claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             await conn.commit()
+            await conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with the last
             reading = await conn.execute(
                 self._s.sql["claimed_messages"],
                 params,
@@ -490,17 +605,23 @@ class AsyncPostgresStore:
                 prepare=True,
             )
             await conn.commit()
-            claims = await claiming.fetchall()  # one round trip for all four
+            claims = await claiming.fetchall()  # one round trip for all of them
             if not claims:
                 return None
-            tokens = self._s.claimed(claims, params)
-            messages, unreadable = self._s.batch_messages(await reading.fetchall(), limit)
+            tokens, continued = self._s.claimed(claims, params)
+            messages, unreadable, last_positions = self._s.batch_messages(
+                await reading.fetchall(), limit
+            )
             if unreadable:
                 await conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable)
                 )
                 await conn.commit()
-        return AsyncPostgresBatch(messages, tokens, self._close_batch)
+        if parent is None:
+            return AsyncPostgresBatch(messages, tokens, self, last_positions, {})
+        parent.passed_on = continued
+        depth = {sequence: parent.continuations.get(sequence, 0) + 1 for sequence in continued}
+        return AsyncPostgresBatch(messages, tokens, self, last_positions, depth)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():

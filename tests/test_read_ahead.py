@@ -1,0 +1,383 @@
+"""The poll loop's read-ahead: the next batch is checked out while this one publishes.
+
+A batch that can read ahead (``ReadAheadBatch``) lets the relay overlap the database's work
+with its own. These tests hold it to what the store contract says: the next batch continues a
+sequence only after this batch's last message of it, under the same lease; a sequence that did
+not finish in this batch is held back in the next and not carried further; nothing is lost or
+reordered when the relay stops, is cancelled, or its lease is taken over; a row committed late
+with an earlier id still goes out within a bounded number of batches (guarantee 4).
+The in-memory store shows the relay's side; PostgreSQL shows the real store's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from outboxbind import (
+    AsyncRelay,
+    LeaseLost,
+    NotAttempted,
+    PersistedMessage,
+    Relay,
+    RetryPolicy,
+    bind,
+)
+from outboxbind.store import ReadAheadBatch, SequenceKey
+from outboxbind.stores.memory import MOST_CONTINUATIONS, InMemoryBatch, InMemoryStore
+from outboxbind.stores.postgres import PostgresStore, persister
+from outboxbind.stores.postgres.store import MOST_CONTINUATIONS as PG_MOST_CONTINUATIONS
+from outboxbind.testing import FakeClock
+from outboxbind.topics.memory import InMemoryTopic
+
+from support import OrderPlaced, order_topic
+
+NO_DELAY = RetryPolicy(max_attempts=100, initial_delay=0.001, jitter=0.0)
+
+
+class WatchedStore(InMemoryStore):
+    """An in-memory store that notes each checkout: when it started and ended, and whether it
+    was a read-ahead; ``slow`` seconds stand in for the database's time."""
+
+    def __init__(self, slow: float = 0.0) -> None:
+        super().__init__()
+        self.slow = slow
+        self.checkouts: list[tuple[float, float, bool]] = []
+        self.handed_out: Counter[str] = Counter()  # messages checked out, per ordering key
+
+    def _checkout(
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        parent: InMemoryBatch | None = None,
+        continuing: Collection[SequenceKey] = (),
+    ) -> InMemoryBatch | None:
+        started = time.monotonic()
+        time.sleep(self.slow)
+        batch = super()._checkout(topic_names, limit, parent, continuing)
+        self.checkouts.append((started, time.monotonic(), parent is not None))
+        for message in batch.messages if batch is not None else ():
+            self.handed_out[message.ordering_key or ""] += 1
+        return batch
+
+    def read_ahead_count(self) -> int:
+        return sum(ahead for _, _, ahead in self.checkouts)
+
+
+class TimedTopic(InMemoryTopic[OrderPlaced]):
+    """Orders by customer; notes when each batch's publish started and ended."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("orders", order_topic().codec, ordering_key=lambda m: m.customer, **kwargs)
+        self.spans: list[tuple[float, float]] = []
+
+    def publish_batch(self, messages: Sequence[PersistedMessage], *, timeout: float) -> Any:
+        started = time.monotonic()
+        try:
+            return super().publish_batch(messages, timeout=timeout)
+        finally:
+            self.spans.append((started, time.monotonic()))
+
+
+def write(store: InMemoryStore, topic: InMemoryTopic[OrderPlaced], *orders: OrderPlaced) -> None:
+    with store.transaction() as tx:
+        publisher = bind(topic, tx)
+        for order in orders:
+            publisher.publish(order)
+
+
+def per_customer(topic: InMemoryTopic[OrderPlaced]) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = {}
+    for order in topic.messages():
+        seen.setdefault(order.customer, []).append(order.order_id)
+    return seen
+
+
+def poll_until(relay: Relay, batch_size: int, done: Any, timeout: float = 20.0) -> None:
+    """Run ``relay`` polling in a thread until ``done()``; stop it (draining) and join."""
+    thread = threading.Thread(target=relay.poll_for_messages, args=(batch_size,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert done(), f"not done within {timeout}s: {relay.totals}"
+    finally:
+        assert relay.stop(timeout=10)
+        thread.join(10)
+
+
+# -- the relay's side, over the in-memory store ---------------------------------------------------
+
+
+def test_the_next_batch_is_checked_out_while_this_one_publishes() -> None:
+    store = WatchedStore(slow=0.015)
+    topic = TimedTopic(delay=0.03)
+    write(store, topic, *[OrderPlaced(i, "ann") for i in range(100)])
+    relay = Relay(store, poll_interval=60.0)
+    relay.register_topic(topic)
+
+    poll_until(relay, 10, lambda: len(topic.published) == 100)
+
+    assert per_customer(topic) == {"ann": list(range(100))}  # once each, in order
+    read_ahead = [(start, end) for start, end, ahead in store.checkouts if ahead]
+    overlapping = [r for r in read_ahead if any(s < r[1] and r[0] < e for s, e in topic.spans)]
+    assert len(read_ahead) >= 9  # ten batches of one sequence: each reads the next ahead
+    assert overlapping == read_ahead  # each while a publish was under way
+    assert store.pending_ids() == []
+
+
+def test_a_failed_message_holds_back_its_keys_messages_read_ahead() -> None:
+    failures = {5: 2, 23: 1}  # order id -> how many times it fails before it goes through
+
+    def fail(message: PersistedMessage) -> BaseException | None:
+        order_id = int(message.data.split(b'"order_id":')[1].split(b",")[0])
+        if failures.get(order_id, 0) > 0:
+            failures[order_id] -= 1
+            return ConnectionError(f"order {order_id} refused")
+        return None
+
+    store = InMemoryStore()
+    topic = TimedTopic(fail=fail)
+    write(store, topic, *[OrderPlaced(i, "ann" if i % 2 else "bob") for i in range(60)])
+    relay = Relay(store, poll_interval=0.01)
+    relay.register_topic(topic, retry=NO_DELAY)
+
+    poll_until(relay, 6, lambda: len(topic.published) == 60)
+
+    assert per_customer(topic) == {
+        "bob": list(range(0, 60, 2)),
+        "ann": list(range(1, 60, 2)),
+    }  # every message once (failures never reached the topic), in order per key
+    assert relay.totals["failed"] == 3
+
+
+def test_a_key_whose_messages_are_not_attempted_is_not_carried_on_and_not_starved() -> None:
+    refusals = {"ann": 3}  # the topic refuses ann's messages three times, without an attempt
+
+    def fail(message: PersistedMessage) -> BaseException | None:
+        if message.ordering_key == "ann" and refusals["ann"] > 0:
+            refusals["ann"] -= 1
+            return NotAttempted("circuit open")
+        return None
+
+    store = WatchedStore()
+    topic = TimedTopic(fail=fail)
+    write(store, topic, *[OrderPlaced(i, "ann" if i % 2 else "bob") for i in range(80)])
+    relay = Relay(store, poll_interval=0.01)
+    relay.register_topic(topic)
+
+    poll_until(relay, 8, lambda: len(topic.published) == 80)
+
+    assert per_customer(topic) == {
+        "bob": list(range(0, 80, 2)),
+        "ann": list(range(1, 80, 2)),
+    }
+    assert relay.totals["failed"] == 0  # not attempted is not a failure
+    # ann stops being carried on at once: each refusal costs at most this batch's and the
+    # next's share of ann (4 each), not a chain of batches that hold ann back
+    assert store.handed_out["ann"] <= 40 + 3 * 8 + 8  # (64 seen; 112 when ann is carried on)
+
+
+def test_stopping_releases_the_batch_read_ahead_unpublished() -> None:
+    store = WatchedStore()
+    topic = TimedTopic(delay=0.05)
+    write(store, topic, *[OrderPlaced(i, "ann") for i in range(200)])
+    relay = Relay(store, poll_interval=60.0)
+    relay.register_topic(topic)
+    thread = threading.Thread(target=relay.poll_for_messages, args=(10,))
+    thread.start()
+    while store.read_ahead_count() == 0:
+        time.sleep(0.005)
+    assert relay.stop(drain=False, timeout=10)
+    thread.join(10)
+
+    published = [int(id_) for id_ in topic.outbox_ids()]
+    assert published == sorted(published)
+    # nothing stays leased: another relay gets the rest at once, from where the first stopped
+    batch = store.checkout_batch(["orders"], 1000)
+    assert batch is not None
+    assert [int(m.id) for m in batch.messages] == list(range(len(published) + 1, 201))
+    batch.close()
+
+
+def test_a_row_committed_late_with_an_earlier_id_waits_a_bounded_number_of_batches() -> None:
+    store = InMemoryStore()
+    topic = TimedTopic(delay=0.002)
+    late = store.transaction()
+    tx = late.__enter__()
+    bind(topic, tx).publish(OrderPlaced(-1, "ann"))  # takes id 1, commits later
+    write(store, topic, *[OrderPlaced(i, "ann") for i in range(2000)])
+    relay = Relay(store, poll_interval=60.0)
+    relay.register_topic(topic)
+    thread = threading.Thread(target=relay.poll_for_messages, args=(10,))
+    thread.start()
+    try:
+        while len(topic.published) < 100:
+            time.sleep(0.001)
+        late.__exit__(None, None, None)  # commit: id 1 is now behind the chain's position
+        committed_at = len(topic.published)
+        deadline = time.monotonic() + 20
+        while "1" not in topic.outbox_ids() and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        relay.stop(drain=False, timeout=10)
+        thread.join(10)
+    ids = topic.outbox_ids()
+    assert "1" in ids
+    published_before_it = ids.index("1") - committed_at
+    assert published_before_it <= (MOST_CONTINUATIONS + 2) * 10 <= 200
+
+
+def test_async_relay_reads_ahead_and_cancelling_releases_both_batches() -> None:
+    store = WatchedStore()
+    topic = TimedTopic(delay=0.02)
+    write(store, topic, *[OrderPlaced(i, "ann") for i in range(300)])
+
+    async def main() -> None:
+        relay = AsyncRelay(store, poll_interval=60.0)
+        relay.register_topic(topic)
+        task = asyncio.create_task(relay.poll_for_messages(10))
+        while store.read_ahead_count() < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    published = [int(id_) for id_ in topic.outbox_ids()]
+    assert published == list(range(1, len(published) + 1))
+    batch = store.checkout_batch(["orders"], 1000)  # nothing left leased
+    assert batch is not None
+    assert [int(m.id) for m in batch.messages] == list(range(len(published) + 1, 301))
+    batch.close()
+
+
+# -- the PostgreSQL store ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def clocked(pg_pool: ConnectionPool[Any], pg_schema: str, clock: FakeClock) -> PostgresStore:
+    store = PostgresStore(pg_pool, schema=pg_schema, lease_duration=30, clock=clock)
+    store.migrate()
+    return store
+
+
+def pg_write(dsn: str, schema: str, *keys: str) -> list[str]:
+    """One message per key given, in one transaction; their outbox ids."""
+    topic = order_topic()
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        publisher = bind(topic, persister(conn, schema=schema))
+        return [publisher.publish(OrderPlaced(i, key)) for i, key in enumerate(keys)]
+
+
+def test_postgres_read_ahead_continues_the_sequence_under_the_same_lease(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore, pg_pool: ConnectionPool[Any]
+) -> None:
+    ids = pg_write(pg_dsn, pg_schema, *["ann"] * 25)
+    other_relay = PostgresStore(pg_pool, schema=pg_schema, lease_duration=30)
+
+    first = clocked.checkout_batch(["orders"], 10)
+    assert first is not None
+    assert isinstance(first, ReadAheadBatch)
+    second = first.read_ahead(["orders"], 10, {("orders", "ann")})
+    assert second is not None
+    assert [m.id for m in first.messages] == ids[:10]
+    assert [m.id for m in second.messages] == ids[10:20]
+    assert other_relay.checkout_batch(["orders"], 10) is None  # the sequence is held
+
+    for message in first.messages:
+        first.mark_published(message, "p")
+    first.close()  # keeps the lease for the second batch: no LeaseLost
+    assert other_relay.checkout_batch(["orders"], 10) is None
+
+    for message in second.messages:
+        second.mark_published(message, "p")
+    second.close()
+    rest = other_relay.checkout_batch(["orders"], 10)
+    assert rest is not None
+    assert [m.id for m in rest.messages] == ids[20:]
+    rest.close()
+
+
+def test_postgres_read_ahead_leaves_its_sequences_when_free_ones_fill_the_batch(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    pg_write(pg_dsn, pg_schema, *[f"k{i}" for i in range(8) for _ in range(5)])
+    first = clocked.checkout_batch(["orders"], 20)
+    assert first is not None
+    held = {m.ordering_key for m in first.messages}
+    continuing = {("orders", key or "") for key in held}
+    second = first.read_ahead(["orders"], 20, continuing)
+    assert second is not None
+    assert len(second.messages) == 20
+    assert held.isdisjoint({m.ordering_key for m in second.messages})  # fair: others first
+    assert first.passed_on == set()
+    first.close()
+    second.close()
+
+
+def test_postgres_a_taken_over_chain_can_change_nothing(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore, pg_pool: ConnectionPool[Any],
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    ids = pg_write(pg_dsn, pg_schema, *["ann"] * 30)
+    first = clocked.checkout_batch(["orders"], 10)
+    assert first is not None
+    second = first.read_ahead(["orders"], 10, {("orders", "ann")})
+    assert second is not None
+    clock.advance(31)  # the lease expires: another relay takes the sequence over
+    other = PostgresStore(pg_pool, schema=pg_schema, lease_duration=30, clock=clock)
+    taken = other.checkout_batch(["orders"], 30)
+    assert taken is not None
+    assert [m.id for m in taken.messages] == ids
+
+    for batch in (first, second):
+        for message in batch.messages:
+            batch.mark_published(message, "p")
+        with pytest.raises(LeaseLost):
+            batch.close()
+    taken.close()  # released, nothing acknowledged by the fenced-off batches
+    again = other.checkout_batch(["orders"], 30)
+    assert again is not None
+    assert [m.id for m in again.messages] == ids
+    again.close()
+
+
+def test_postgres_a_row_committed_late_is_published_within_a_bounded_number_of_batches(
+    pg_dsn: str, pg_schema: str, pg_pool: ConnectionPool[Any]
+) -> None:
+    store = PostgresStore(pg_pool, schema=pg_schema)
+    store.migrate()
+    topic = TimedTopic(delay=0.002)
+    with psycopg.connect(pg_dsn) as late:
+        late_id = bind(topic, persister(late, schema=pg_schema)).publish(OrderPlaced(-1, "ann"))
+        ids = pg_write(pg_dsn, pg_schema, *["ann"] * 1500)
+        assert int(late_id) < int(ids[0])
+        relay = Relay(store, poll_interval=60.0)
+        relay.register_topic(topic)
+        thread = threading.Thread(target=relay.poll_for_messages, args=(10,))
+        thread.start()
+        try:
+            while len(topic.published) < 100:
+                time.sleep(0.001)
+            late.commit()
+            committed_at = len(topic.published)
+            deadline = time.monotonic() + 20
+            while late_id not in topic.outbox_ids() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        finally:
+            relay.stop(drain=False, timeout=10)
+            thread.join(10)
+    published = topic.outbox_ids()
+    assert late_id in published
+    assert published.index(late_id) - committed_at <= (PG_MOST_CONTINUATIONS + 2) * 10 <= 200
+    assert len(set(published)) == len(published)  # nothing twice
