@@ -102,26 +102,36 @@ def outbox(pool_size: int = 4) -> Iterator[tuple[ConnectionPool[Any], str, Postg
 
 
 def fill_fast(
-    pool: ConnectionPool[Any], schema: str, topics: int, count: int, *, keys: int = 0
+    pool: ConnectionPool[Any],
+    schema: str,
+    topics: int,
+    count: int,
+    *,
+    keys: int = 0,
+    topic: str | None = None,
 ) -> None:
-    """Write ``count`` 1 KB messages, due now, spread evenly over ``topics`` (round robin by
-    id), with ids from the outbox's own sequence; then ANALYZE the table.
+    """Write ``count`` 1 KB messages, due now, spread evenly over ``topics`` (``topic-0``...,
+    round robin by id), with ids from the outbox's own sequence; then ANALYZE the table. No
+    relay is woken: the rows are written by plain SQL, without the persister's NOTIFY.
 
     Unkeyed by default; with ``keys``, each topic's messages are spread over that many
-    ordering keys (``k0``, ``k1``...), each key a sequence of its own.
+    ordering keys (``k0``, ``k1``...), each key a sequence of its own. ``topic`` names the one
+    topic instead (with ``topics`` 1).
     """
     names = names_for(schema, "outbox")
     key = f"'k' || mod(n / {int(topics)}, {int(keys)})" if keys else "''"
+    name = "%s::text" if topic is not None else "'topic-' || mod(n, %s)"
     insert = (
         f"INSERT INTO {names['outbox']} (id, position, topic, ordering_key, data, available_at)"
-        f" SELECT n, n, 'topic-' || mod(n, %s), {key}, %s, now()"
+        f" SELECT n, n, {name}, {key}, %s, now()"
         f" FROM (SELECT nextval({names['message_ids_literal']}) AS n"
         f" FROM generate_series(1, %s)) AS ids"
     )
     with pool.connection() as conn:
         for start in range(0, count, FILL_CHUNK):
             with conn.transaction():
-                conn.execute(insert, (topics, PAYLOAD, min(FILL_CHUNK, count - start)))
+                rows = min(FILL_CHUNK, count - start)
+                conn.execute(insert, (topic if topic is not None else topics, PAYLOAD, rows))
         conn.execute(f"ANALYZE {names['outbox']}")
 
 

@@ -41,12 +41,12 @@ from benchmarks.common import (
     Figure,
     PollingRelay,
     commit_to_publish_ms,
+    fill_fast,
     outbox,
     taking_turns,
     timed,
 )
-from outboxbind import OutboxEntry, PersistedMessage
-from outboxbind.stores.postgres import persister
+from outboxbind import PersistedMessage
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.testing.emulator import PubSubEmulator
 from outboxbind.topics import PublishOutcome
@@ -119,18 +119,6 @@ def _publish(client: Any, path: str, rows: Sequence[Row]) -> None:
 # -- draining PostgreSQL to the emulator ------------------------------------------------------
 
 
-def _fill(pool: ConnectionPool[Any], schema: str, topic: str, count: int, keys: int) -> None:
-    """Write ``count`` 1 KB messages to ``topic``, spread over ``keys`` ordering keys (0: none),
-    in transactions of 1,000."""
-    with pool.connection() as conn:
-        for start in range(0, count, 1000):
-            with conn.transaction():
-                write = persister(conn, schema=schema)
-                for i in range(start, min(count, start + 1000)):
-                    key = f"k{i % keys}" if keys else None
-                    write(OutboxEntry(topic, PAYLOAD, ordering_key=key))
-
-
 def _raw_drain_publish(pool: ConnectionPool[Any], schema: str, client: Any, path: str) -> int:
     """The bound: a raw ``DELETE ... RETURNING`` of ``BATCH`` rows and one ``Publish`` of them,
     in one transaction (committed once the emulator has the messages), until the outbox is
@@ -170,13 +158,13 @@ def drain_pubsub(keys: int) -> Case:
         def bound() -> float:
             path = new_topic(client)
             with outbox() as (pool, schema, _store):
-                _fill(pool, schema, path.rsplit("/", 1)[1], count, keys)
+                fill_fast(pool, schema, 1, count, keys=keys, topic=path.rsplit("/", 1)[1])
                 return timed(lambda: _raw_drain_publish(pool, schema, client, path))
 
         def relayed() -> float:
             topic = PubSubTopic(client, new_topic(client), bytes)
             with outbox() as (pool, schema, store), PollingRelay(store, [topic], BATCH) as relay:
-                _fill(pool, schema, topic.name, count, keys)
+                fill_fast(pool, schema, 1, count, keys=keys, topic=topic.name)
                 return relay.drain(count)
 
         case_values, bound_values = taking_turns(bound, relayed, 3 if quick else 5)

@@ -1184,3 +1184,35 @@ def test_bad_row_g9_an_unreadable_row_is_parked_and_blocks_nothing(
     assert dead.state == "parked"
     assert f"unreadable outbox row {dead.message.id} in {pg_schema}.outbox" in dead.error
     assert "attributes are not an object of strings: [1, 2]" in dead.error
+
+
+def test_fair_g10_a_claim_takes_only_what_its_batch_needs_and_walks_wider_when_it_must(
+    pg_pool: ConnectionPool[Any], pg_schema: str, pg_store: PostgresStore
+) -> None:
+    topic = account_topic()
+    # 40 accounts with 30 events each: four of them fill a batch of 100 (a quarter each)
+    publish_committed(
+        pg_pool,
+        pg_schema,
+        topic,
+        *[AccountChanged(a, str(n)) for n in range(30) for a in range(40)],
+    )
+    batch = pg_store.checkout_batch(["accounts"], 100)
+    assert batch is not None
+    assert len(batch.tokens) == 4  # the rest is left to other relays
+    assert len(batch.messages) == 100
+    batch.close()
+
+    # 300 more accounts with one event each: a claim must look at ever more of them to fill
+    # its batch (16, 32, 64, then 100: never the whole topic at every claim)
+    with pg_pool.connection() as conn:
+        conn.execute(f'DELETE FROM "{pg_schema}".outbox')
+    publish_committed(pg_pool, pg_schema, topic, *[AccountChanged(a, "one") for a in range(300)])
+    sizes = []
+    while (batch := pg_store.checkout_batch(["accounts"], 100)) is not None:
+        sizes.append(len(batch.messages))
+        for message in batch.messages:
+            batch.mark_published(message, "p")
+        batch.close()
+    assert sizes[:4] == [16, 32, 64, 100]
+    assert sum(sizes) == 300

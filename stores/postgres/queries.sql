@@ -27,7 +27,8 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- A read-ahead (a batch still publishing asks for the next) also names the sequences it may
 -- continue (%(continue_topics)s, ..., with its lease tokens): when the free sequences cannot
 -- fill the batch, those leases are extended and renamed to this claim, so the read finds them
--- too. The last column says which leases were continued.
+-- too. The fourth column says which leases were continued; the fifth is how many due messages
+-- the claim counted in the free sequences it took.
 WITH RECURSIVE wanted (topic, after, place) AS (
     SELECT * FROM unnest(%(topics)s::text[], %(after)s::text[]) WITH ORDINALITY
 ),
@@ -71,7 +72,8 @@ sequences (topic, ordering_key, lap, depth, place) AS (
     UNION ALL
     SELECT topic, ordering_key, 1, depth, place FROM up_to_cursor
 ),
--- free sequences with a due message, in walk order; the walk stops after %(limit)s of them
+-- free sequences with a due message, in walk order; the walk stops after %(most_sequences)s of
+-- them (the store widens it while claims find too few to fill the batch)
 eligible AS MATERIALIZED (
     SELECT s.topic, s.ordering_key, s.lap, s.depth, s.place FROM sequences s
     WHERE NOT EXISTS (
@@ -92,10 +94,10 @@ eligible AS MATERIALIZED (
           ), 9223372036854775807)
         ORDER BY o.position LIMIT 1
     ) IS NOT NULL
-    LIMIT %(limit)s
+    LIMIT %(most_sequences)s
 ),
 -- the eligible sequences in walk order, as arrays the next step indexes into
-walk_order (topics, ordering_keys, n) AS (
+walk_order (topics, ordering_keys, n) AS MATERIALIZED (  -- once, not per step below
     SELECT array_agg(topic ORDER BY lap, depth, place),
            array_agg(ordering_key ORDER BY lap, depth, place), count(*)
     FROM eligible
@@ -183,11 +185,11 @@ continued AS (
       ) IS NOT NULL
     RETURNING l.topic, l.ordering_key, l.token
 )
-SELECT topic, ordering_key, token, false FROM taken_over
+SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking) FROM taken_over
 UNION ALL
-SELECT topic, ordering_key, token, false FROM fresh
+SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking) FROM fresh
 UNION ALL
-SELECT topic, ordering_key, token, true FROM continued
+SELECT topic, ordering_key, token, true, NULL FROM continued
 
 -- name: claimed_messages
 -- The due messages of the sequences the claim just leased (found by its name, %(claim)s), in

@@ -54,6 +54,10 @@ log = logging.getLogger("outboxbind.stores.postgres")
 #: late with an earlier position (guarantee 4) waits at most this many batches.
 MOST_CONTINUATIONS = 16
 
+#: How many free sequences a claim looks at, at least: enough for the four a batch spans when
+#: each can fill a quarter of it, with room for some that cannot.
+MOST_SEQUENCES_WALKED = 16
+
 RELAY_TRANSACTION = (
     "SELECT set_config('synchronous_commit', 'off', true), set_config('jit', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
@@ -86,6 +90,10 @@ class _Statements:
         self._cursors: dict[str, str] = {}  # per topic: the last ordering key leased
         self._last_topic = ""  # the topic the walk leased last; the next walk starts after it
         self._claims = itertools.count(1)
+        #: How many free sequences a claim's walk looks at: widened while claims take that many
+        #: and still count too few messages to fill the batch, narrowed back when they fill it
+        #: with much fewer. Walking every key of a topic at each claim cost ~4 ms at 100 keys.
+        self._walk = MOST_SEQUENCES_WALKED
 
     def now(self) -> datetime | None:
         return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
@@ -117,6 +125,7 @@ class _Statements:
             "after": [self._cursors.get(topic, "") for topic in wanted],
             "limit": limit,
             "most_per_sequence": -(-limit // 4),  # a quarter of the batch, rounded up
+            "most_sequences": min(limit, self._walk),
             "claim": f"{self.owner} #{next(self._claims)}",  # the name of this claim's leases
             "lease_seconds": self.lease_duration,
             "now": self.now(),
@@ -134,12 +143,19 @@ class _Statements:
         tokens: dict[SequenceKey, str] = {}
         continued: set[SequenceKey] = set()
         furthest: dict[str, str] = {}
-        for topic, key, token, was_continued in rows:
+        counted = 0
+        for topic, key, token, was_continued, total in rows:
             tokens[(topic, key)] = str(token)
             if was_continued:
                 continued.add((topic, key))
             else:
                 furthest[topic] = max(key, furthest.get(topic, key))
+                counted = total
+        taken = len(tokens) - len(continued)  # free sequences the claim took
+        if taken >= params["most_sequences"] and counted < params["limit"]:
+            self._walk = min(self._walk * 2, 1 << 16)  # more sequences would have fit
+        elif counted >= params["limit"] and taken * 4 <= params["most_sequences"]:
+            self._walk = max(self._walk // 2, MOST_SEQUENCES_WALKED)
         self._cursors.update(furthest)  # the next claim starts just after them
         if furthest:  # and with the topic after the furthest one leased, in the walk's order
             walked = params["topics"]
