@@ -286,6 +286,19 @@ class _ThreadedBatch:
     async def close(self) -> None:
         await self._store.run(self._batch.close)
 
+    def record(self, marks: Sequence[MarkedOutcome]) -> None:
+        record = getattr(self._batch, "record", None)
+        if record is not None:
+            record(marks)
+            return
+        for kind, message, detail, retry_after in marks:
+            if kind == "published":
+                self._batch.mark_published(message, detail or "")
+            elif kind == "failed":
+                self._batch.mark_failed(message, detail or "", retry_after)
+            else:
+                self._batch.mark_dead(message, detail or "")
+
 
 class _ThreadedReadAheadBatch(_ThreadedBatch):
     _batch: ReadAheadBatch  # type: ignore[assignment]
@@ -377,6 +390,23 @@ class _MarkBuffer:
         if outcomes is None:
             outcomes = self.outcomes[sequence] = []
         outcomes.append((kind, message, detail, retry_after))
+
+    def record(self, marks: Sequence[MarkedOutcome]) -> None:
+        """Record many marks at once, in order, as the ``mark_*`` methods would one by one (the
+        relay's way: one call per round rather than one per message)."""
+        if self.closed:
+            raise RuntimeError("this batch is closed")
+        leased, outcomes = self._leased, self.outcomes
+        for mark in marks:
+            message = mark[1]
+            found = leased.get(message.id)
+            if found is not message and found != message:
+                raise ValueError(f"message {message.id} is not part of this batch")
+            sequence = (message.topic, message.ordering_key or "")
+            recorded = outcomes.get(sequence)
+            if recorded is None:
+                recorded = outcomes[sequence] = []
+            recorded.append(mark)
 
     def _closing(self) -> bool:
         """Mark the batch closed; return False if it already was."""

@@ -1129,39 +1129,44 @@ def test_exclusive_g6_relays_checking_out_concurrently_never_share_a_sequence(
 def test_exclusive_g6_a_claim_skips_a_lease_another_relay_is_working_on_instead_of_waiting(
     pg_dsn: str, pg_schema: str, pg_pool: ConnectionPool[Any], pg_store: PostgresStore
 ) -> None:
-    """Relay ``crashed`` leased acct-0 and died. While another relay holds that expired lease's
-    row locked (taking it over, say), relay ``late`` claims: it skips acct-0 (SKIP LOCKED), takes
-    acct-1 at once, and gets acct-0 on a later round, with nothing handed out twice."""
+    """Relay ``crashed`` leased one account's events and died. While another relay holds that
+    expired lease's row locked (taking it over, say), relay ``late`` claims: it skips that
+    account (SKIP LOCKED), takes the other at once, and gets the first on a later round, with
+    nothing handed out twice."""
     topic = account_topic()
-    [id_0a] = publish_committed(pg_pool, pg_schema, topic, AccountChanged(0, "0a"))
-    ids_1 = publish_committed(
+    ids = {"acct-0": publish_committed(pg_pool, pg_schema, topic, AccountChanged(0, "0a"))}
+    ids["acct-1"] = publish_committed(
         pg_pool, pg_schema, topic, AccountChanged(1, "1a"), AccountChanged(1, "1b")
     )
     clock = FakeClock()
     crashed = PostgresStore(pg_pool, schema=pg_schema, lease_duration=60, owner="crashed")
-    abandoned = crashed.checkout_batch(["accounts"], 1)  # acct-0, never closed
+    abandoned = crashed.checkout_batch(["accounts"], 1)  # one account's, never closed
     assert abandoned is not None
-    assert [m.id for m in abandoned.messages] == [id_0a]
+    [held] = {m.ordering_key for m in abandoned.messages}
+    assert held is not None
+    [other] = set(ids) - {held}
+    assert [m.id for m in abandoned.messages] == ids[held][:1]
     clock.advance(120)  # late's clock: crashed's lease has expired
     late = PostgresStore(pg_pool, schema=pg_schema, lease_duration=30, owner="late", clock=clock)
     with psycopg.connect(pg_dsn) as locker:
         locker.execute(
             f'SELECT 1 FROM "{pg_schema}".outbox_leases WHERE ordering_key = %s FOR UPDATE',
-            ["acct-0"],
+            [held],
         )
         started = time.monotonic()
         batch = late.checkout_batch(["accounts"], 10)
         assert time.monotonic() - started < 2.0  # skipped the locked row, did not wait on it
         assert batch is not None
-        assert [m.id for m in batch.messages] == ids_1
+        assert [m.id for m in batch.messages] == ids[other]
         for message in batch.messages:
             batch.mark_published(message, "late")
         batch.close()
         locker.rollback()
     batch = late.checkout_batch(["accounts"], 10)
     assert batch is not None
-    assert [m.id for m in batch.messages] == [id_0a]  # now taken over from the crashed relay
-    batch.mark_published(batch.messages[0], "late")
+    assert [m.id for m in batch.messages] == ids[held]  # now taken over from the crashed relay
+    for message in batch.messages:
+        batch.mark_published(message, "late")
     batch.close()
     assert late.backlog() == []
 

@@ -61,6 +61,8 @@ def _checked_outcomes(
                 f"{topic!r}.publish_batch returned {count} outcomes for {len(messages)} messages"
             ),
         )
+    if all(isinstance(outcome, str) for outcome in outcomes):
+        return outcomes  # every message published: nothing to hold the topic to
     checked: list[PublishOutcome] = []
     for message, outcome in zip(messages, outcomes, strict=True):
         if isinstance(outcome, str | BaseException):
@@ -321,10 +323,18 @@ class Relay(_RelayBase):
         if isinstance(effect, Call):
             return getattr(effect.target, effect.method)(*effect.args)
         if isinstance(effect, Marks):
-            methods: dict[str, Any] = {}
-            for name, args in effect.marks:
-                method = methods.get(name) or methods.setdefault(name, getattr(effect.batch, name))
-                method(*args)
+            record = getattr(effect.batch, "record", None)
+            if record is not None:  # a buffered batch takes them all at once
+                record(effect.marks)
+                return None
+            batch: Any = effect.batch
+            for kind, message, detail, retry_after in effect.marks:
+                if kind == "published":
+                    batch.mark_published(message, detail)
+                elif kind == "failed":
+                    batch.mark_failed(message, detail, retry_after)
+                else:
+                    batch.mark_dead(message, detail)
             return None
         if isinstance(effect, Publish):
             return self._publish(effect)
@@ -533,8 +543,18 @@ class AsyncRelay(_RelayBase):
         if isinstance(effect, Call):
             return await getattr(effect.target, effect.method)(*effect.args)
         if isinstance(effect, Marks):
-            for name, args in effect.marks:
-                await getattr(effect.batch, name)(*args)
+            record = getattr(effect.batch, "record", None)
+            if record is not None and not inspect.iscoroutinefunction(record):
+                record(effect.marks)  # a buffered batch takes them all at once, without I/O
+                return None
+            batch: Any = effect.batch
+            for kind, message, detail, retry_after in effect.marks:
+                if kind == "published":
+                    await batch.mark_published(message, detail)
+                elif kind == "failed":
+                    await batch.mark_failed(message, detail, retry_after)
+                else:
+                    await batch.mark_dead(message, detail)
             return None
         if isinstance(effect, Publish):
             return await asyncio.gather(

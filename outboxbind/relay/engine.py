@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ import attrs
 from outboxbind.errors import NotAttempted, UnpublishableError
 from outboxbind.messages import PersistedMessage
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
+from outboxbind.store import MarkedOutcome
 from outboxbind.topics import Topic
 
 __all__ = [
@@ -67,20 +68,18 @@ class Publish:
     timeout: float
 
 
-Mark = tuple[str, tuple[Any, ...]]
-"""A batch method (``mark_published``, ``mark_failed``, ``mark_dead``) and its arguments."""
-
-
 @attrs.frozen
 class Marks:
-    """Effect: call each mark on ``batch`` in order (awaited one by one by the asyncio driver).
+    """Effect: tell ``batch`` each mark, in order: ``(kind, message, detail, retry_after)`` as
+    :data:`~outboxbind.store.MarkedOutcome`, for ``mark_published(message, detail)``,
+    ``mark_failed(message, detail, retry_after)`` or ``mark_dead(message, detail)``.
 
     One effect per round rather than one per message: the marks are computed here, performed
-    there, without a round trip through the generator for each message.
+    there (all at once when the batch has ``record``, as buffered batches do).
     """
 
     batch: object
-    marks: list[Mark]
+    marks: list[MarkedOutcome]
 
 
 @attrs.frozen
@@ -164,6 +163,10 @@ SequenceKey = tuple[str, str]
 
 def _sequence(message: PersistedMessage) -> SequenceKey:
     return (message.topic, message.ordering_key or "")
+
+
+def _sequences(messages: Iterable[PersistedMessage]) -> frozenset[SequenceKey]:
+    return frozenset([(m.topic, m.ordering_key or "") for m in messages])
 
 
 @attrs.define
@@ -251,9 +254,9 @@ class RelayEngine:
             held_back = pipeline.troubled
 
         messages: Sequence[PersistedMessage] = batch.messages
-        successes = errors = dead = 0
+        successes = errors = dead = parked = 0
         store_error: BaseException | None = None
-        published: set[str] = set()  # ids published or given up on: their sequence goes on
+        marks: list[MarkedOutcome] = []
         background: Collect | None = None  # the store's calls made while this round publishes
         try:
             groups = self._group_by_topic(messages, held_back)
@@ -270,28 +273,32 @@ class RelayEngine:
                 and callable(getattr(batch, "read_ahead", None))
             )
             if reads_ahead:
-                continuing = {_sequence(m) for m in messages} - held_back
+                continuing = _sequences(messages) - held_back
                 calls.append(Call(batch, "read_ahead", (list(self.topics), limit, continuing)))
             if calls:
                 background = Collect(tuple(calls), (yield Meanwhile(tuple(calls))))
             outcomes = yield publish
-            marks: list[Mark] = []
             for name, group_outcomes in zip(groups, outcomes, strict=True):
+                group = groups[name]
+                if all(isinstance(outcome, str) for outcome in group_outcomes):  # all published
+                    pairs = zip(group, group_outcomes, strict=True)
+                    marks += [("published", message, outcome, None) for message, outcome in pairs]
+                    successes += len(group)
+                    continue
                 registration = self.topics[name]
-                for message, outcome in zip(groups[name], group_outcomes, strict=True):
+                for message, outcome in zip(group, group_outcomes, strict=True):
                     if isinstance(outcome, str):
-                        marks.append(("mark_published", (message, outcome)))
-                        published.add(message.id)
+                        marks.append(("published", message, outcome, None))
                         successes += 1
                     elif isinstance(outcome, NotAttempted):
                         continue  # released on close, no attempt counted
                     else:
                         errors += 1
-                        mark, gave_up = self._failure(registration, message, outcome)
+                        mark = self._failure(registration, message, outcome)
                         marks.append(mark)
-                        if gave_up and registration.poison == "park":
-                            published.add(message.id)  # parked: its sequence goes on
-                        dead += gave_up
+                        if mark[0] == "dead" or mark[3] is None:
+                            dead += 1
+                            parked += mark[0] == "dead"
             if marks:
                 yield Marks(batch, marks)
         except Exception as exc:
@@ -304,7 +311,10 @@ class RelayEngine:
             # the next batch continues this one: it is closed next round, after the messages
             # the next batch holds of a sequence this one did not finish are held back
             pipeline.previous = batch
-            pipeline.troubled = frozenset(_sequence(m) for m in messages if m.id not in published)
+            pipeline.troubled = frozenset()
+            if successes + parked < len(messages):  # a message not published, nor parked
+                gone_on = {m.id for kind, m, _, _ in marks if kind != "failed"}
+                pipeline.troubled = _sequences(m for m in messages if m.id not in gone_on)
         else:
             try:
                 yield Call(batch, "close", ())
@@ -362,6 +372,11 @@ class RelayEngine:
     def _group_by_topic(
         self, messages: Sequence[PersistedMessage], held_back: frozenset[SequenceKey]
     ) -> dict[str, list[PersistedMessage]]:
+        if not held_back:
+            names = {message.topic for message in messages}
+            if len(names) == 1:  # the common case: one topic's batch
+                [name] = names
+                return {name: list(messages)} if name in self.topics else {}
         groups: dict[str, list[PersistedMessage]] = {}
         for message in messages:
             if message.topic not in self.topics:
@@ -373,8 +388,9 @@ class RelayEngine:
 
     def _failure(
         self, registration: TopicRegistration, message: PersistedMessage, error: BaseException
-    ) -> tuple[Mark, int]:
-        """The mark for a failed publish, and 1 if the message was given up on (else 0)."""
+    ) -> MarkedOutcome:
+        """The mark for a failed publish: retried later (``failed`` with a delay), or given up on
+        (``dead``: parked; ``failed`` without a delay: blocked until replayed)."""
         attempts = message.attempts + 1
         text = _describe(error)
         unpublishable = isinstance(error, UnpublishableError)
@@ -384,18 +400,18 @@ class RelayEngine:
                 "publishing outbox message %s to %s failed (attempt %d of %d), retry in %.2fs: %s",
                 message.id, message.topic, attempts, registration.retry.max_attempts, delay, text,
             )  # fmt: skip
-            return ("mark_failed", (message, text, timedelta(seconds=delay))), 0
+            return ("failed", message, text, timedelta(seconds=delay))
         why = "is unpublishable" if unpublishable else f"failed {attempts} attempt(s)"
         if registration.poison == "park":
             log.error(
                 "outbox message %s to %s %s, parked: %s", message.id, message.topic, why, text
             )
-            return ("mark_dead", (message, text)), 1
+            return ("dead", message, text, None)
         log.error(
             "outbox message %s to %s %s, blocking its key until replayed: %s",
             message.id, message.topic, why, text,
         )  # fmt: skip
-        return ("mark_failed", (message, text, None)), 1
+        return ("failed", message, text, None)
 
     # -- the poll loop --------------------------------------------------------------------------
 

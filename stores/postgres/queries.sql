@@ -18,8 +18,8 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- %(limit)s: each counts for its due messages up to %(most_per_sequence)s (a quarter of the
 -- batch), so a batch spans at least four sequences when that many are due, and leaves the rest
 -- to other relays. The walk visits the topics from just after the one this relay leased last
--- (%(topics)s comes rotated), and each topic's ordering keys from just after where this relay
--- stopped last, round to just before it. A lease row another relay is working on right now is
+-- (%(topics)s comes rotated), and each topic's ordering keys downwards from just below where
+-- this relay stopped last, round (from the top) to it. A lease row another relay is working on right now is
 -- skipped (SKIP LOCKED), never waited for. Each lease is written with this claim's own name
 -- (%(claim)s), by which the next statement finds them. Committed before anything is published;
 -- the messages are read by the next statement, with a fresh snapshot (this one's may predate
@@ -32,45 +32,48 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 WITH RECURSIVE wanted (topic, after, place) AS (
     SELECT * FROM unnest(%(topics)s::text[], %(after)s::text[]) WITH ORDINALITY
 ),
-after_cursor (topic, ordering_key, place, depth) AS (
+-- each topic's ordering keys are walked downwards: each step lands on the newest entry of the
+-- next key down, which is live, never on its oldest, where the entries of published (deleted)
+-- rows pile up until VACUUM
+below_cursor (topic, ordering_key, place, depth) AS (
     SELECT start.topic, start.ordering_key, wanted.place, 0
     FROM wanted
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
-        WHERE o.topic = wanted.topic AND o.ordering_key > wanted.after
-        ORDER BY o.ordering_key LIMIT 1
+        WHERE o.topic = wanted.topic AND o.ordering_key < wanted.after
+        ORDER BY o.ordering_key DESC LIMIT 1
     ) AS start
     UNION ALL
     SELECT step.topic, step.ordering_key, s.place, s.depth + 1
-    FROM after_cursor s
+    FROM below_cursor s
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
-        WHERE o.topic = s.topic AND o.ordering_key > s.ordering_key
-        ORDER BY o.ordering_key LIMIT 1
+        WHERE o.topic = s.topic AND o.ordering_key < s.ordering_key
+        ORDER BY o.ordering_key DESC LIMIT 1
     ) AS step
 ),
-up_to_cursor (topic, ordering_key, after, place, depth) AS (
+from_the_top (topic, ordering_key, after, place, depth) AS (
     SELECT start.topic, start.ordering_key, wanted.after, wanted.place, 0
     FROM wanted
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
-        WHERE o.topic = wanted.topic AND o.ordering_key <= wanted.after
-        ORDER BY o.ordering_key LIMIT 1
+        WHERE o.topic = wanted.topic AND o.ordering_key >= wanted.after
+        ORDER BY o.ordering_key DESC LIMIT 1
     ) AS start
     UNION ALL
     SELECT step.topic, step.ordering_key, s.after, s.place, s.depth + 1
-    FROM up_to_cursor s
+    FROM from_the_top s
     CROSS JOIN LATERAL (
         SELECT o.topic, o.ordering_key FROM {outbox} o
-        WHERE o.topic = s.topic AND o.ordering_key > s.ordering_key
-          AND o.ordering_key <= s.after
-        ORDER BY o.ordering_key LIMIT 1
+        WHERE o.topic = s.topic AND o.ordering_key < s.ordering_key
+          AND o.ordering_key >= s.after
+        ORDER BY o.ordering_key DESC LIMIT 1
     ) AS step
 ),
 sequences (topic, ordering_key, lap, depth, place) AS (
-    SELECT topic, ordering_key, 0, depth, place FROM after_cursor
+    SELECT topic, ordering_key, 0, depth, place FROM below_cursor
     UNION ALL
-    SELECT topic, ordering_key, 1, depth, place FROM up_to_cursor
+    SELECT topic, ordering_key, 1, depth, place FROM from_the_top
 ),
 -- free sequences with a due message, in walk order; the walk stops after %(most_sequences)s of
 -- them (the store widens it while claims find too few to fill the batch)
@@ -81,8 +84,9 @@ eligible AS MATERIALIZED (
         WHERE l.topic = s.topic AND l.ordering_key = s.ordering_key
           AND l.expires_at > coalesce(%(now)s::timestamptz, now())
     )
-    AND (  -- its first due message, looked up on the sequence's index (an EXISTS here can be
-           -- planned as a join that walks the whole index)
+    AND (  -- a due message before the first that waits for a retry, looked up on the
+           -- sequence's index from its newest end (an EXISTS here can be planned as a join
+           -- that walks the whole index; the oldest end is where deleted rows' entries are)
         SELECT o.position FROM {outbox} o
         WHERE o.topic = s.topic AND o.ordering_key = s.ordering_key
           AND o.position IS NOT NULL
@@ -92,7 +96,7 @@ eligible AS MATERIALIZED (
               WHERE w.topic = s.topic AND w.ordering_key = s.ordering_key AND w.attempts > 0
                 AND (w.available_at IS NULL OR w.available_at > coalesce(%(now)s::timestamptz, now()))
           ), 9223372036854775807)
-        ORDER BY o.position LIMIT 1
+        ORDER BY o.position DESC LIMIT 1
     ) IS NOT NULL
     LIMIT %(most_sequences)s
 ),
@@ -122,7 +126,7 @@ taking (i, topic, ordering_key, total) AS (
                     AND x.attempts > 0
                     AND (x.available_at IS NULL OR x.available_at > coalesce(%(now)s::timestamptz, now()))
               ), 9223372036854775807)
-            ORDER BY o.position  -- the sequence's index, never a scan of the table
+            ORDER BY o.position DESC  -- the sequence's index from its newest end
             LIMIT %(most_per_sequence)s
         ) AS due
       )

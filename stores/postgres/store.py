@@ -87,7 +87,7 @@ class _Statements:
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
         self.channel = notify_channel(schema, table)
         self.keep_published = keep_published
-        self._cursors: dict[str, str] = {}  # per topic: the last ordering key leased
+        self._cursors: dict[str, str] = {}  # per topic: the lowest ordering key leased last
         self._last_topic = ""  # the topic the walk leased last; the next walk starts after it
         self._claims = itertools.count(1)
         #: How many free sequences a claim's walk looks at: widened while claims take that many
@@ -148,15 +148,15 @@ class _Statements:
             tokens[(topic, key)] = str(token)
             if was_continued:
                 continued.add((topic, key))
-            else:
-                furthest[topic] = max(key, furthest.get(topic, key))
+            else:  # the walk goes downwards: the next one starts just below the lowest
+                furthest[topic] = min(key, furthest.get(topic, key))
                 counted = total
         taken = len(tokens) - len(continued)  # free sequences the claim took
         if taken >= params["most_sequences"] and counted < params["limit"]:
             self._walk = min(self._walk * 2, 1 << 16)  # more sequences would have fit
         elif counted >= params["limit"] and taken * 4 <= params["most_sequences"]:
             self._walk = max(self._walk // 2, MOST_SEQUENCES_WALKED)
-        self._cursors.update(furthest)  # the next claim starts just after them
+        self._cursors.update(furthest)  # the next claim starts just below them
         if furthest:  # and with the topic after the furthest one leased, in the walk's order
             walked = params["topics"]
             self._last_topic = max(furthest, key=walked.index)
@@ -172,15 +172,17 @@ class _Statements:
         row: the rows after it wait for the next batch, after the unreadable one has been parked.
         """
         by_sequence: dict[SequenceKey, list[PersistedMessage]] = {}
-        positions: dict[str, int] = {}
+        positions: dict[SequenceKey, list[int]] = {}  # each message's, beside it
         unreadable: dict[int, str] = {}
         cut: set[SequenceKey] = set()
         sequence: SequenceKey | None = None
         messages: list[PersistedMessage] = []
+        at: list[int] = []
         for topic, key, id_, position, data, attributes, created_at, attempts in rows:
             if sequence is None or topic != sequence[0] or key != sequence[1]:
                 sequence = (topic, key)
                 messages = by_sequence.setdefault(sequence, [])
+                at = positions.setdefault(sequence, [])
             if cut and sequence in cut:
                 continue
             if attributes is not None and not (
@@ -193,15 +195,21 @@ class _Statements:
                 )[:2000]
                 cut.add(sequence)
                 continue
-            message = PersistedMessage(
-                str(id_), topic, data, attributes, key or None, created_at, attempts
+            messages.append(
+                PersistedMessage(
+                    str(id_), topic, data, attributes, key or None, created_at, attempts
+                )
             )
-            messages.append(message)
-            positions[message.id] = position
+            at.append(position)
         batch = round_robin(by_sequence, limit)
-        last_positions = {}
-        for message in batch:  # each sequence's in order: the last one seen is its last
-            last_positions[(message.topic, message.ordering_key or "")] = positions[message.id]
+        # round_robin keeps a prefix of each sequence: its last position is at the prefix's end
+        taken = dict.fromkeys(by_sequence, 0)
+        if len(by_sequence) == 1:
+            taken[next(iter(by_sequence))] = len(batch)
+        else:
+            for message in batch:
+                taken[(message.topic, message.ordering_key or "")] += 1
+        last_positions = {s: positions[s][n - 1] for s, n in taken.items() if n}
         return batch, unreadable, last_positions
 
     def unreadable_params(self, unreadable: dict[int, str]) -> dict[str, Any]:
