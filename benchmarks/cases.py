@@ -16,7 +16,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from benchmarks.common import (
     taking_turns,
     timed,
 )
-from outboxbind import OutboxEntry, bind
-from outboxbind.stores.postgres import persister
+from outboxbind import AsyncRelay, OutboxEntry, PersistedMessage, bind
+from outboxbind.stores.postgres import AsyncPostgresStore, persister
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.stores.sqlite import SQLiteStore
 from outboxbind.stores.sqlite import persister as sqlite_persister
+from outboxbind.topics import PublishOutcome
 
 Case = Callable[[bool], Figure]
 
@@ -209,6 +210,69 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
     return case
 
 
+class _AsyncNullTopic(NullTopic):
+    """The null topic, awaited by the asyncio relay on its loop (no worker thread)."""
+
+    @property
+    def async_native(self) -> bool:
+        return True
+
+    async def publish_batch_async(
+        self, messages: Sequence[PersistedMessage], *, timeout: float
+    ) -> list[PublishOutcome]:
+        return self.publish_batch(messages, timeout=timeout)
+
+
+async def _async_relay_rate(pool: Any, schema: str, batch: int, count: int) -> float:
+    """An ``AsyncRelay`` over an ``AsyncPostgresStore``, polling as a task: warmed up on a
+    backlog of its own, then woken on ``count`` messages; its rate over them."""
+    async with AsyncConnectionPool(DSN, min_size=2, max_size=4, open=False) as async_pool:
+        relay = AsyncRelay(AsyncPostgresStore(async_pool, schema=schema), poll_interval=60.0)
+        relay.register_topic(_AsyncNullTopic("topic-0"))
+        task = asyncio.create_task(relay.poll_for_messages(batch))
+        await asyncio.sleep(0.3)  # polling, and its wake-up connection is up
+        try:
+            for n in (20 * batch, count):
+                await asyncio.to_thread(fill_fast, pool, schema, 1, n)
+                target = relay.totals["published"] + n
+                started = time.perf_counter()
+                relay.wake()
+                deadline = time.monotonic() + 120
+                while relay.totals["published"] < target and time.monotonic() < deadline:
+                    if relay.totals["store_errors"]:
+                        raise RuntimeError(f"a relay round failed: {relay.totals}")
+                    await asyncio.sleep(0.002)
+                elapsed = time.perf_counter() - started
+                if relay.totals["published"] != target:
+                    raise RuntimeError(f"the asyncio relay did not publish {n} in 120 s")
+        finally:
+            await relay.stop(drain=False)
+            await task
+    return count / elapsed
+
+
+def drain_null_async(quick: bool) -> Figure:
+    """The asyncio face: ``AsyncRelay`` over ``AsyncPostgresStore``, batch 500, one topic."""
+    count = 20_000 if quick else 100_000
+
+    def raw() -> float:
+        with outbox(pool_size=4) as (pool, schema, _store):
+            fill_fast(pool, schema, 1, 10_000)
+            _raw_drain(pool, schema, 500)
+            fill_fast(pool, schema, 1, count)
+            return timed(lambda: _raw_drain(pool, schema, 500))
+
+    def relay() -> float:
+        with outbox(pool_size=4) as (pool, schema, _store):
+            return asyncio.run(_async_relay_rate(pool, schema, 500, count))
+
+    case_values, bound_values = taking_turns(raw, relay, 3 if quick else 5)
+    return Figure(
+        "drain PostgreSQL -> null, batch 500, 1 topic, asyncio relay", "raw drain", "msgs/s",
+        case_values, bound_values, higher_is_better=True, target=0.8,
+    )  # fmt: skip
+
+
 # -- commit -> publish latency ------------------------------------------------------------------
 
 
@@ -242,6 +306,7 @@ ALL: list[Case] = [
     drain_null(500, 1, keyed=False),
     drain_null(1000, 1, keyed=False),
     drain_null(500, 10, keyed=True),
+    drain_null_async,
     latency_null,
 ]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from outboxbind import (
     AsyncRelay,
@@ -33,8 +33,9 @@ from outboxbind import (
 )
 from outboxbind.store import ReadAheadBatch, SequenceKey
 from outboxbind.stores.memory import MOST_CONTINUATIONS, InMemoryBatch, InMemoryStore
-from outboxbind.stores.postgres import PostgresStore, persister
+from outboxbind.stores.postgres import AsyncPostgresStore, PostgresStore, persister
 from outboxbind.stores.postgres.store import MOST_CONTINUATIONS as PG_MOST_CONTINUATIONS
+from outboxbind.stores.postgres.store import AsyncPostgresBatch
 from outboxbind.testing import FakeClock
 from outboxbind.topics.memory import InMemoryTopic
 
@@ -381,3 +382,53 @@ def test_postgres_a_row_committed_late_is_published_within_a_bounded_number_of_b
     assert late_id in published
     assert published.index(late_id) - committed_at <= (PG_MOST_CONTINUATIONS + 2) * 10 <= 200
     assert len(set(published)) == len(published)  # nothing twice
+
+
+class CountingAsyncStore(AsyncPostgresStore):
+    """An asyncio PostgreSQL store that counts the batches read ahead."""
+
+    read_ahead = 0
+
+    async def _checkout(
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        parent: AsyncPostgresBatch | None = None,
+        continuing: Collection[SequenceKey] = (),
+    ) -> AsyncPostgresBatch | None:
+        self.read_ahead += parent is not None
+        return await super()._checkout(topic_names, limit, parent, continuing)
+
+
+def test_postgres_async_relay_reads_ahead_in_order_and_leaves_nothing_leased(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    keys = ["ann"] * 150 + [f"k{i % 7}" for i in range(150)]
+    ids = pg_write(pg_dsn, pg_schema, *keys)
+    topic = TimedTopic(delay=0.002)
+
+    async def main() -> int:
+        async with AsyncConnectionPool(pg_dsn, min_size=1, max_size=4) as pool:
+            store = CountingAsyncStore(pool, schema=pg_schema)
+            relay = AsyncRelay(store, poll_interval=60.0)
+            relay.register_topic(topic)
+            task = asyncio.create_task(relay.poll_for_messages(20))
+            deadline = time.monotonic() + 20
+            while len(topic.published) < len(ids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert await relay.stop(timeout=10)
+            await task
+            return store.read_ahead
+
+    assert asyncio.run(main()) >= 5
+    published = topic.outbox_ids()
+    assert sorted(published, key=int) == ids  # every one, once
+    per_key: dict[str, list[int]] = {}
+    for message in topic.published:
+        per_key.setdefault(message.ordering_key or "", []).append(int(message.outbox_id or 0))
+    assert all(order == sorted(order) for order in per_key.values())
+    with psycopg.connect(pg_dsn) as conn:
+        leases = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox_leases').fetchone()
+        rows = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox').fetchone()
+    assert leases == (0,)
+    assert rows == (0,)
