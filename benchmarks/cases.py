@@ -352,8 +352,8 @@ def drain_sqlite(batch: int) -> Case:
                 store = SQLiteStore(path)
                 _fill_sqlite(path, count)
                 bound_values.append(timed(functools.partial(_raw_sqlite_drain, path, batch)))
-                _fill_sqlite(path, count)
                 with PollingRelay(store, [NullTopic("topic")], batch) as relay:
+                    _fill_sqlite(path, count)
                     case_values.append(relay.drain(count))
                 store.close()
         return Figure(

@@ -111,9 +111,9 @@ def drain_redis(batch: int) -> Case:
 
         def relayed() -> float:
             with redis_outbox() as (client, prefix):
-                _fill(client, prefix, count)
                 store = RedisStore(client, prefix=prefix)
                 with PollingRelay(store, [NullTopic(TOPIC)], batch) as relay:
+                    _fill(client, prefix, count)
                     return relay.drain(count)
 
         # each side on a fresh prefix
