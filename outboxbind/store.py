@@ -109,7 +109,7 @@ class MessageBatch(Protocol):
 
 
 @runtime_checkable
-class ReadAheadBatch(Protocol):
+class ReadAheadBatch(MessageBatch, Protocol):
     """A batch that can check out the next batch while it is still open (optional).
 
     The relay's poll loop uses it when batches come back full: it calls :meth:`read_ahead` as
@@ -173,7 +173,7 @@ class AsyncMessageBatch(Protocol):
 
 
 @runtime_checkable
-class AsyncReadAheadBatch(Protocol):
+class AsyncReadAheadBatch(AsyncMessageBatch, Protocol):
     """The asyncio twin of :class:`ReadAheadBatch`."""
 
     async def read_ahead(
@@ -301,7 +301,7 @@ class _ThreadedBatch:
 
 
 class _ThreadedReadAheadBatch(_ThreadedBatch):
-    _batch: ReadAheadBatch  # type: ignore[assignment]
+    _batch: ReadAheadBatch
 
     async def read_ahead(
         self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]

@@ -27,7 +27,7 @@ import pytest
 
 from outboxbind.errors import LeaseLost
 from outboxbind.messages import OutboxEntry, PersistedMessage
-from outboxbind.store import DeadLetterAdmin, MessageBatch, Store
+from outboxbind.store import DeadLetterAdmin, MessageBatch, ReadAheadBatch, Store
 
 __all__ = ["FakeClock", "StoreContract", "StoreHarness", "entry"]
 
@@ -90,6 +90,14 @@ def _ids(batch: MessageBatch | None) -> list[str]:
 
 def _by_id(batch: MessageBatch, id_: str) -> PersistedMessage:
     return next(m for m in batch.messages if m.id == id_)
+
+
+def _read_ahead_batch(store: Store, limit: int) -> ReadAheadBatch:
+    batch = _checkout(store, limit)
+    if not isinstance(batch, ReadAheadBatch):
+        batch.close()
+        pytest.skip(f"{type(batch).__name__} cannot read ahead (it is optional)")
+    return batch
 
 
 def _admin(store: Store) -> DeadLetterAdmin:
@@ -476,3 +484,58 @@ class StoreContract:
             same_key = attrs.evolve(batch.messages[0], id="999999")
             with pytest.raises(ValueError, match="not part of this batch"):
                 batch.mark_published(same_key, "p")
+
+    # -- reading ahead (stores whose batches are ReadAheadBatch) -----------------------------
+
+    def test_read_ahead_carries_a_sequence_on_after_the_batch_under_its_lease(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry() for _ in range(9)])
+        first = _read_ahead_batch(store, 3)
+        assert _ids(first) == ids[:3]
+        second = first.read_ahead(["orders"], 3, {("orders", "")})
+        assert _ids(second) == ids[3:6]  # continues after the open batch, nothing twice
+        assert harness.open_store(clock).checkout_batch(["orders"], 10) is None  # still held
+        for message in first.messages:
+            first.mark_published(message, "p")
+        first.close()  # keeps the lease for the next batch: no LeaseLost
+        assert harness.open_store(clock).checkout_batch(["orders"], 10) is None
+        assert second is not None
+        for message in second.messages:
+            second.mark_published(message, "p")
+        second.close()
+        with _checkout(harness.open_store(clock), 10) as rest:
+            assert _ids(rest) == ids[6:]
+
+    def test_read_ahead_does_not_carry_on_a_sequence_it_is_not_told_to(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="a"), entry(key="b"), entry(key="b")])
+        first = _read_ahead_batch(store, 1)
+        [held] = {m.ordering_key for m in first.messages}
+        second = first.read_ahead(["orders"], 10, set())
+        assert held not in {m.ordering_key for m in second.messages} if second else True
+        first.close()  # ends its lease, as a batch that was not carried on
+        if second is not None:
+            second.close()
+        with _checkout(harness.open_store(clock), 10) as rest:
+            assert set(_ids(rest)) == set(ids)  # nothing published, nothing lost
+
+    def test_a_carried_on_batch_whose_lease_was_taken_over_changes_nothing(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry() for _ in range(4)])
+        first = _read_ahead_batch(store, 2)
+        second = first.read_ahead(["orders"], 2, {("orders", "")})
+        assert _ids(second) == ids[2:]
+        clock.advance(LONG_AFTER)
+        with _checkout(harness.open_store(clock), 10) as taken:
+            assert _ids(taken) == ids
+            for batch in (first, second):
+                assert batch is not None
+                for message in batch.messages:
+                    batch.mark_published(message, "late ack")
+                with pytest.raises(LeaseLost):
+                    batch.close()
+        with _checkout(harness.open_store(clock), 10) as again:
+            assert _ids(again) == ids  # the fenced-off batches acknowledged nothing
