@@ -11,7 +11,7 @@ from psycopg_pool import ConnectionPool
 from outboxbind.messages import OutboxEntry
 from outboxbind.store import Store
 from outboxbind.stores.postgres import PostgresStore, persister
-from outboxbind.testing import StoreContract, StoreHarness
+from outboxbind.testing import ReadAheadContract, StoreContract, StoreHarness
 
 
 class PostgresHarness:
@@ -34,13 +34,13 @@ class PostgresHarness:
             return ids
 
 
-class TestPostgresStore(StoreContract):
+class TestPostgresStore(StoreContract, ReadAheadContract):
     @pytest.fixture
     def harness(self, pg_pool: ConnectionPool[Any], pg_schema: str) -> StoreHarness:
         return PostgresHarness(pg_pool, pg_schema)
 
 
-class TestPostgresStoreStrictSequence(StoreContract):
+class TestPostgresStoreStrictSequence(StoreContract, ReadAheadContract):
     """The same contract when every message is written in strict-sequence mode."""
 
     @pytest.fixture

@@ -29,7 +29,7 @@ from outboxbind.errors import LeaseLost
 from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.store import DeadLetterAdmin, MessageBatch, ReadAheadBatch, Store
 
-__all__ = ["FakeClock", "StoreContract", "StoreHarness", "entry"]
+__all__ = ["FakeClock", "ReadAheadContract", "StoreContract", "StoreHarness", "entry"]
 
 #: Advancing the clock by this much must outlast any lease and any retry delay the kit uses.
 LONG_AFTER = 3600.0
@@ -94,9 +94,7 @@ def _by_id(batch: MessageBatch, id_: str) -> PersistedMessage:
 
 def _read_ahead_batch(store: Store, limit: int) -> ReadAheadBatch:
     batch = _checkout(store, limit)
-    if not isinstance(batch, ReadAheadBatch):
-        batch.close()
-        pytest.skip(f"{type(batch).__name__} cannot read ahead (it is optional)")
+    assert isinstance(batch, ReadAheadBatch), f"{type(batch).__name__} has no read_ahead()"
     return batch
 
 
@@ -485,7 +483,11 @@ class StoreContract:
             with pytest.raises(ValueError, match="not part of this batch"):
                 batch.mark_published(same_key, "p")
 
-    # -- reading ahead (stores whose batches are ReadAheadBatch) -----------------------------
+
+class ReadAheadContract:
+    """Contract tests for stores whose batches can read the next one ahead
+    (:class:`~outboxbind.store.ReadAheadBatch`, optional); add it beside
+    :class:`StoreContract`: ``class TestMyStore(StoreContract, ReadAheadContract)``."""
 
     def test_read_ahead_carries_a_sequence_on_after_the_batch_under_its_lease(
         self, harness: StoreHarness, store: Store, clock: FakeClock
