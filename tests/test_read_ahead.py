@@ -432,3 +432,37 @@ def test_postgres_async_relay_reads_ahead_in_order_and_leaves_nothing_leased(
         rows = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox').fetchone()
     assert leases == (0,)
     assert rows == (0,)
+
+
+def test_a_batch_that_could_not_take_its_marks_holds_back_its_sequences_read_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second batch's marks are lost (its messages are released on close, unacknowledged,
+    and published again): no later message of its key may go out before they do. The round's
+    store error makes the loop close both batches (the one read ahead released unpublished)
+    before it backs off, so the next round starts again from the released messages."""
+    calls = {"n": 0}
+    record = InMemoryBatch.record
+
+    def flaky_record(self: InMemoryBatch, marks: Sequence[Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("lost the marks")
+        record(self, marks)
+
+    monkeypatch.setattr(InMemoryBatch, "record", flaky_record)
+    store = InMemoryStore()
+    topic = TimedTopic(delay=0.002)
+    write(store, topic, *[OrderPlaced(i, "ann") for i in range(60)])
+    relay = Relay(store, poll_interval=0.01)
+    relay.register_topic(topic)
+
+    poll_until(relay, 10, lambda: store.pending_ids() == [])
+
+    order = [int(id_) for id_ in topic.outbox_ids()]
+    last_seen = {id_: index for index, id_ in enumerate(order)}
+    assert sorted(last_seen) == list(range(1, 61))
+    assert len(order) > 60  # the second batch went out twice
+    # a subscriber keeping the latest delivery of each message sees them in write order: the
+    # second batch went out again before anything after it, not after later batches
+    assert sorted(last_seen, key=last_seen.__getitem__) == list(range(1, 61)), order
