@@ -118,10 +118,21 @@ class ReadAheadBatch(MessageBatch, Protocol):
     """
 
     def read_ahead(
-        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        continuing: Collection[SequenceKey],
+        closing: MessageBatch | None,
     ) -> MessageBatch | None:
         """Check out the next batch, as :meth:`Store.checkout_batch` would, while this one is
         open; called at most once, before :meth:`MessageBatch.close`.
+
+        ``closing`` is the batch before this one, published and marked, which the relay is
+        about to close: a store may close it first in the same round trip, exactly as its
+        ``close()`` would, and then let its ``close()`` do nothing but raise what closing found
+        (``LeaseLost``); :meth:`BufferedBatch.closed_by_store` does that. The relay calls
+        ``closing.close()`` after this returns or raises, so a store that leaves it (or fails
+        before closing it) loses nothing.
 
         The next batch may also hold the sequences of ``continuing`` (some of this batch's
         sequences): their messages after this batch's last one of each, under this batch's
@@ -177,7 +188,11 @@ class AsyncReadAheadBatch(AsyncMessageBatch, Protocol):
     """The asyncio twin of :class:`ReadAheadBatch`."""
 
     async def read_ahead(
-        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        continuing: Collection[SequenceKey],
+        closing: AsyncMessageBatch | None,
     ) -> AsyncMessageBatch | None:
         """See :meth:`ReadAheadBatch.read_ahead`."""
         ...
@@ -304,10 +319,15 @@ class _ThreadedReadAheadBatch(_ThreadedBatch):
     _batch: ReadAheadBatch
 
     async def read_ahead(
-        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        continuing: Collection[SequenceKey],
+        closing: AsyncMessageBatch | None,
     ) -> AsyncMessageBatch | None:
+        inner = closing._batch if isinstance(closing, _ThreadedBatch) else None
         batch = await self._store.run(
-            lambda: self._batch.read_ahead(topic_names, limit, continuing)
+            lambda: self._batch.read_ahead(topic_names, limit, continuing, inner)
         )
         return None if batch is None else self._store.wrap(batch)
 
@@ -367,6 +387,7 @@ class _MarkBuffer:
         #: Sequences whose lease passed to the batch read ahead: close keeps their leases.
         self.passed_on: set[SequenceKey] = set()
         self.closed = False
+        self._closed_with: BaseException | None = None
 
     @property
     def messages(self) -> Sequence[PersistedMessage]:
@@ -408,9 +429,20 @@ class _MarkBuffer:
                 recorded = outcomes[sequence] = []
             recorded.append(mark)
 
+    def closed_by_store(self, error: BaseException | None = None) -> None:
+        """For a store that applied this batch's marks within another round trip (closing it
+        while reading the next batch ahead): the batch is closed, and its ``close()`` does
+        nothing but raise ``error`` (``LeaseLost``), once, if there is one."""
+        self.closed = True
+        self._closed_with = error
+
     def _closing(self) -> bool:
-        """Mark the batch closed; return False if it already was."""
+        """Mark the batch closed; return False if it already was (raising what a store that
+        closed it found, once)."""
         if self.closed:
+            error, self._closed_with = self._closed_with, None
+            if error is not None:
+                raise error
             return False
         self.closed = True
         return True

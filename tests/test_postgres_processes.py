@@ -458,13 +458,15 @@ def test_relay_rides_out_a_postgres_restart(
     common.append("--pool-timeout=2")
     # A drains (short poll interval, slowed down so that the restart falls mid-drain); B polls
     # only every 5 s, so that how fast it publishes a new commit shows its LISTEN connection.
+    # Both are slowed down alike, so that B, going again at once after each full batch, does
+    # not drain the backlog left at the restart before A's store backoff lets it back in.
     relay_a = start_relay(
         processes, "relay-a", dsn, schema, log, *common, "--poll-interval=0.05",
         "--batch-delay=0.05", "--app-name=relay_a",
     )  # fmt: skip
     relay_b = start_relay(
         processes, "relay-b", dsn, schema, log, *common, "--poll-interval=5",
-        "--app-name=relay_b",
+        "--batch-delay=0.05", "--app-name=relay_b",
     )  # fmt: skip
     both = (relay_a.process, relay_b.process)
     processes.wait_for(lambda: listening(dsn, "relay_b"), "relay B to LISTEN", 20, both)

@@ -309,6 +309,28 @@ def test_postgres_read_ahead_continues_the_sequence_under_the_same_lease(
     rest.close()
 
 
+def test_postgres_read_ahead_closes_the_batch_before_in_the_same_round_trip(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    ids = pg_write(pg_dsn, pg_schema, *["ann"] * 30)
+    first = clocked.checkout_batch(["orders"], 10)
+    assert isinstance(first, ReadAheadBatch)
+    second = first.read_ahead(["orders"], 10, {("orders", "ann")})
+    assert isinstance(second, ReadAheadBatch)
+    for message in first.messages:
+        first.mark_published(message, "p")
+    third = second.read_ahead(["orders"], 10, {("orders", "ann")}, first)
+    assert third is not None
+    assert [m.id for m in third.messages] == ids[20:]
+    assert first.closed  # closed by the read-ahead, before its own close() was called
+    with psycopg.connect(pg_dsn) as conn:
+        left = conn.execute(f'SELECT id FROM "{pg_schema}".outbox ORDER BY id').fetchall()
+    assert [str(row[0]) for row in left] == ids[10:]  # its marks applied, exactly once
+    first.close()  # nothing left to do, nothing to raise
+    second.close()
+    third.close()
+
+
 def test_postgres_read_ahead_leaves_its_sequences_when_free_ones_fill_the_batch(
     pg_dsn: str, pg_schema: str, clocked: PostgresStore
 ) -> None:
@@ -395,9 +417,10 @@ class CountingAsyncStore(AsyncPostgresStore):
         limit: int,
         parent: AsyncPostgresBatch | None = None,
         continuing: Collection[SequenceKey] = (),
+        closing: AsyncPostgresBatch | None = None,
     ) -> AsyncPostgresBatch | None:
         self.read_ahead += parent is not None
-        return await super()._checkout(topic_names, limit, parent, continuing)
+        return await super()._checkout(topic_names, limit, parent, continuing, closing)
 
 
 def test_postgres_async_relay_reads_ahead_in_order_and_leaves_nothing_leased(

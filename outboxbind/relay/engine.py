@@ -258,6 +258,7 @@ class RelayEngine:
         store_error: BaseException | None = None
         marks: list[MarkedOutcome] = []
         background: Collect | None = None  # the store's calls made while this round publishes
+        reads_ahead = False
         try:
             groups = self._group_by_topic(messages, held_back)
             publish = Publish(
@@ -265,16 +266,18 @@ class RelayEngine:
                 self.publish_timeout,
             )
             calls: list[Call] = []
-            if pipeline is not None and pipeline.previous is not None:
-                calls.append(Call(pipeline.previous, "close", ()))
+            previous = pipeline.previous if pipeline is not None else None
             reads_ahead = (
                 pipeline is not None
                 and len(messages) >= limit  # a full batch: more is probably waiting
                 and callable(getattr(batch, "read_ahead", None))
             )
-            if reads_ahead:
+            if reads_ahead:  # the store may close the previous batch in the same round trip
                 continuing = _sequences(messages) - held_back
-                calls.append(Call(batch, "read_ahead", (list(self.topics), limit, continuing)))
+                read = (list(self.topics), limit, continuing, previous)
+                calls.append(Call(batch, "read_ahead", read))
+            elif previous is not None:
+                calls.append(Call(previous, "close", ()))
             if calls:
                 background = Collect(tuple(calls), (yield Meanwhile(tuple(calls))))
             outcomes = yield publish
@@ -307,6 +310,14 @@ class RelayEngine:
         if background is not None:
             results = yield background
             store_error = self._after_overlap(pipeline, background.calls, results) or store_error
+        if pipeline is not None and pipeline.previous is not None and reads_ahead:
+            previous, pipeline.previous = pipeline.previous, None
+            try:  # no I/O if the read-ahead closed it; else closed here, after it
+                yield Call(previous, "close", ())
+            except Exception as exc:
+                store_error = store_error or exc
+                log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+            self.open_batches.remove(previous)
         if pipeline is not None and pipeline.ahead is not None:
             # the next batch continues this one: it is closed next round, after the messages
             # the next batch holds of a sequence this one did not finish are held back

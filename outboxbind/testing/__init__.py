@@ -495,7 +495,7 @@ class ReadAheadContract:
         ids = harness.write([entry() for _ in range(9)])
         first = _read_ahead_batch(store, 3)
         assert _ids(first) == ids[:3]
-        second = first.read_ahead(["orders"], 3, {("orders", "")})
+        second = first.read_ahead(["orders"], 3, {("orders", "")}, None)
         assert _ids(second) == ids[3:6]  # continues after the open batch, nothing twice
         assert harness.open_store(clock).checkout_batch(["orders"], 10) is None  # still held
         for message in first.messages:
@@ -515,7 +515,7 @@ class ReadAheadContract:
         ids = harness.write([entry(key="a"), entry(key="a"), entry(key="b"), entry(key="b")])
         first = _read_ahead_batch(store, 1)
         [held] = {m.ordering_key for m in first.messages}
-        second = first.read_ahead(["orders"], 10, set())
+        second = first.read_ahead(["orders"], 10, set(), None)
         assert held not in {m.ordering_key for m in second.messages} if second else True
         first.close()  # ends its lease, as a batch that was not carried on
         if second is not None:
@@ -528,7 +528,7 @@ class ReadAheadContract:
     ) -> None:
         ids = harness.write([entry() for _ in range(4)])
         first = _read_ahead_batch(store, 2)
-        second = first.read_ahead(["orders"], 2, {("orders", "")})
+        second = first.read_ahead(["orders"], 2, {("orders", "")}, None)
         assert _ids(second) == ids[2:]
         clock.advance(LONG_AFTER)
         with _checkout(harness.open_store(clock), 10) as taken:
@@ -541,3 +541,45 @@ class ReadAheadContract:
                     batch.close()
         with _checkout(harness.open_store(clock), 10) as again:
             assert _ids(again) == ids  # the fenced-off batches acknowledged nothing
+
+    def test_read_ahead_may_close_the_batch_before_and_its_close_tells_what_it_found(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry() for _ in range(9)])
+        first = _read_ahead_batch(store, 3)
+        second = first.read_ahead(["orders"], 3, {("orders", "")}, None)
+        assert isinstance(second, ReadAheadBatch)
+        for message in first.messages:
+            first.mark_published(message, "p")
+        third = second.read_ahead(["orders"], 3, {("orders", "")}, first)
+        first.close()  # whether the read-ahead closed it or not, its marks are applied once
+        assert _ids(third) == ids[6:]
+        for batch in (second, third):
+            assert batch is not None
+            batch.close()  # released: the first batch's three are gone, the rest are back
+        with _checkout(harness.open_store(clock), 10) as rest:
+            assert _ids(rest) == ids[3:]
+
+    def test_a_batch_closed_by_a_read_ahead_after_its_lease_was_taken_raises_on_close(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="a"), entry(key="b"), entry(key="b")])
+        first = _read_ahead_batch(store, 4)
+        clock.advance(LONG_AFTER)
+        with _checkout(harness.open_store(clock), 10) as taken:  # both keys taken over
+            assert set(_ids(taken)) == set(ids)
+            for message in first.messages:
+                first.mark_published(message, "late ack")
+            ahead = first.read_ahead(["orders"], 4, set(), None)
+            assert ahead is None  # everything is leased by the batch that took over
+        # a store's batch closing another one it read ahead from; here the same batch type
+        second = _read_ahead_batch(store, 4)  # after the takeover was released: all four again
+        assert set(_ids(second)) == set(ids)
+        later = second.read_ahead(["orders"], 4, set(), first)
+        with pytest.raises(LeaseLost):
+            first.close()  # the read-ahead found its leases gone: nothing it marked applied
+        if later is not None:
+            later.close()
+        second.close()
+        with _checkout(harness.open_store(clock), 10) as again:
+            assert set(_ids(again)) == set(ids)

@@ -31,6 +31,7 @@ from outboxbind.store import (
     BufferedBatch,
     DeadLetter,
     MarkedOutcome,
+    MessageBatch,
     SequenceKey,
     TopicBacklog,
     integer_ids,
@@ -395,11 +396,27 @@ class InMemoryBatch(BufferedBatch):
         self.continuations = continuations
 
     def read_ahead(
-        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        continuing: Collection[SequenceKey],
+        closing: MessageBatch | None = None,
     ) -> InMemoryBatch | None:
         """Check out the next batch while this one publishes; the sequences of
         ``continuing`` are carried on when the free ones cannot fill it, at most
-        :data:`MOST_CONTINUATIONS` batches in a row."""
+        :data:`MOST_CONTINUATIONS` batches in a row. ``closing``, a batch of the same store,
+        is closed first."""
         if self.closed:
             raise RuntimeError("this batch is closed")
+        if (
+            isinstance(closing, InMemoryBatch)
+            and closing._store is self._store
+            and not closing.closed
+        ):
+            try:
+                self._store._close_batch(closing)
+            except LeaseLost as lost:
+                closing.closed_by_store(lost)
+            else:
+                closing.closed_by_store()
         return self._store._checkout(topic_names, limit, self, continuing)

@@ -24,8 +24,10 @@ from outboxbind.messages import PersistedMessage
 from outboxbind.sql import quote_identifier
 from outboxbind.store import (
     AsyncBufferedBatch,
+    AsyncMessageBatch,
     BufferedBatch,
     DeadLetter,
+    MessageBatch,
     SequenceKey,
     TopicBacklog,
     integer_ids,
@@ -269,6 +271,18 @@ class _Statements:
                 "another relay; this batch's marks for them were dropped"
             )
 
+    def settle(
+        self, batch: BufferedBatch | AsyncBufferedBatch, held: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """A batch closed within a read-ahead's round trip: closed, its LeaseLost kept for its
+        own ``close()`` to raise."""
+        try:
+            self.check_held(batch, held)
+        except LeaseLost as lost:
+            batch.closed_by_store(lost)
+        else:
+            batch.closed_by_store()
+
     def dead_letter(self, row: tuple[Any, ...]) -> DeadLetter:
         id_, topic, key, data, attributes, created_at, attempts, error, failed_at, state = row
         if not isinstance(attributes, dict):  # a row parked as unreadable: shown without them
@@ -354,15 +368,21 @@ class PostgresBatch(BufferedBatch):
         self.continuations = continuations
 
     def read_ahead(
-        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        continuing: Collection[SequenceKey],
+        closing: MessageBatch | None = None,
     ) -> PostgresBatch | None:
         """Check out the next batch while this one publishes; see
         :meth:`outboxbind.store.ReadAheadBatch.read_ahead`. The sequences of ``continuing``
         are carried on only when the sequences nobody holds cannot fill the batch, and at
-        most :data:`MOST_CONTINUATIONS` batches in a row."""
+        most :data:`MOST_CONTINUATIONS` batches in a row. ``closing``, a batch of the same
+        store, is closed first, in the claim's transaction and the same round trip."""
         if self.closed:
             raise RuntimeError("this batch is closed")
-        return self._store._checkout(topic_names, limit, self, continuing)
+        previous = closing if isinstance(closing, PostgresBatch) else None
+        return self._store._checkout(topic_names, limit, self, continuing, previous)
 
 
 class PostgresStore:
@@ -446,12 +466,18 @@ class PostgresStore:
         limit: int,
         parent: PostgresBatch | None = None,
         continuing: Collection[SequenceKey] = (),
+        closing: PostgresBatch | None = None,
     ) -> PostgresBatch | None:
         if not topic_names or limit <= 0:
             return None
         params = self._s.checkout_params(topic_names, limit, parent, continuing)
+        closing = closing if closing is not None and not closing.closed else None
         with self.pool.connection() as conn, conn.pipeline():
             conn.execute(RELAY_TRANSACTION, prepare=True)
+            if closing is not None:  # the batch before, closed in the claim's transaction
+                ending = conn.execute(
+                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
+                )
             claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             conn.commit()
             conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with each transaction
@@ -462,7 +488,9 @@ class PostgresStore:
                 prepare=True,
             )
             conn.commit()
-            claims = claiming.fetchall()  # one round trip for all of them
+            if closing is not None:
+                self._s.settle(closing, ending.fetchall())  # one round trip for all of them
+            claims = claiming.fetchall()
             if not claims:
                 return None
             tokens, continued = self._s.claimed(claims, params)
@@ -534,12 +562,17 @@ class AsyncPostgresBatch(AsyncBufferedBatch):
         self.continuations = continuations
 
     async def read_ahead(
-        self, topic_names: Sequence[str], limit: int, continuing: Collection[SequenceKey]
+        self,
+        topic_names: Sequence[str],
+        limit: int,
+        continuing: Collection[SequenceKey],
+        closing: AsyncMessageBatch | None = None,
     ) -> AsyncPostgresBatch | None:
         """See :meth:`PostgresBatch.read_ahead`."""
         if self.closed:
             raise RuntimeError("this batch is closed")
-        return await self._store._checkout(topic_names, limit, self, continuing)
+        previous = closing if isinstance(closing, AsyncPostgresBatch) else None
+        return await self._store._checkout(topic_names, limit, self, continuing, previous)
 
 
 class AsyncPostgresStore:
@@ -613,12 +646,18 @@ class AsyncPostgresStore:
         limit: int,
         parent: AsyncPostgresBatch | None = None,
         continuing: Collection[SequenceKey] = (),
+        closing: AsyncPostgresBatch | None = None,
     ) -> AsyncPostgresBatch | None:
         if not topic_names or limit <= 0:
             return None
         params = self._s.checkout_params(topic_names, limit, parent, continuing)
+        closing = closing if closing is not None and not closing.closed else None
         async with self.pool.connection() as conn, conn.pipeline():
             await conn.execute(RELAY_TRANSACTION, prepare=True)
+            if closing is not None:  # the batch before, closed in the claim's transaction
+                ending = await conn.execute(
+                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
+                )
             claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             await conn.commit()
             await conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with the last
@@ -629,7 +668,9 @@ class AsyncPostgresStore:
                 prepare=True,
             )
             await conn.commit()
-            claims = await claiming.fetchall()  # one round trip for all of them
+            if closing is not None:
+                self._s.settle(closing, await ending.fetchall())  # one round trip for all
+            claims = await claiming.fetchall()
             if not claims:
                 return None
             tokens, continued = self._s.claimed(claims, params)
