@@ -371,3 +371,35 @@ def test_without_an_async_client_the_asyncio_relay_runs_the_topic_on_its_threads
 
     assert not channel.topic().async_native  # timeouts are then tracked as busy, not cancelled
     assert asyncio.run(with_async_client())
+
+
+def test_each_message_arrives_with_exactly_the_outbox_attributes(channel: Channel) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from outboxbind import PersistedMessage
+    from outboxbind.topics import outbox_attributes
+
+    topic = channel.topic()
+    start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    messages = [
+        PersistedMessage(
+            str(100 + i),
+            topic.name,
+            f"payload {i}".encode(),
+            {"tenant": f"t{i}", "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+            if i % 2
+            else None,
+            f"key-{i % 3}",
+            start + timedelta(microseconds=i * 7),  # one on a whole second, the rest not
+        )
+        for i in range(6)
+    ]
+    outcomes = topic.publish_batch(messages, timeout=10)
+    assert all(isinstance(outcome, str) for outcome in outcomes)
+    received = {m.attributes["outbox-id"]: m for m in channel.pull(len(messages))}
+    assert sorted(received) == sorted(m.id for m in messages)
+    for message in messages:
+        arrived = received[message.id]
+        assert dict(arrived.attributes) == outbox_attributes(message)
+        assert arrived.data == message.data
+        assert arrived.ordering_key == message.ordering_key

@@ -479,7 +479,9 @@ class PostgresStore:
                     self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
                 )
             claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
-            conn.commit()
+            conn.commit()  # waits for the results of the statements before it
+            if closing is not None:  # closed for good, even if the read below fails
+                self._s.settle(closing, ending.fetchall())
             conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with each transaction
             reading = conn.execute(
                 self._s.sql["claimed_messages"],
@@ -488,8 +490,6 @@ class PostgresStore:
                 prepare=True,
             )
             conn.commit()
-            if closing is not None:
-                self._s.settle(closing, ending.fetchall())  # one round trip for all of them
             claims = claiming.fetchall()
             if not claims:
                 return None
@@ -659,7 +659,9 @@ class AsyncPostgresStore:
                     self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
                 )
             claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
-            await conn.commit()
+            await conn.commit()  # waits for the results of the statements before it
+            if closing is not None:  # closed for good, even if the read below fails
+                self._s.settle(closing, await ending.fetchall())
             await conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with the last
             reading = await conn.execute(
                 self._s.sql["claimed_messages"],
@@ -668,8 +670,6 @@ class AsyncPostgresStore:
                 prepare=True,
             )
             await conn.commit()
-            if closing is not None:
-                self._s.settle(closing, await ending.fetchall())  # one round trip for all
             claims = await claiming.fetchall()
             if not claims:
                 return None
