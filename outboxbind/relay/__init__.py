@@ -345,8 +345,9 @@ class Relay(_RelayBase):
             return self._in_flight
         if isinstance(effect, Collect):
             futures: list[Future[object]] = effect.handle  # type: ignore[assignment]
-            self._in_flight = []
-            return [_result_or_error(future) for future in futures]
+            results = [_result_or_error(future) for future in futures]
+            self._in_flight = []  # only now: interrupted while waiting, they are waited for
+            return results
         return self._sleep(effect.seconds)
 
     def _sleep(self, seconds: float) -> bool:
