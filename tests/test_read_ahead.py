@@ -12,6 +12,7 @@ The in-memory store shows the relay's side; PostgreSQL shows the real store's.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections import Counter
@@ -346,6 +347,55 @@ def test_postgres_read_ahead_leaves_its_sequences_when_free_ones_fill_the_batch(
     assert first.passed_on == set()
     first.close()
     second.close()
+
+
+def test_postgres_an_interrupt_while_the_read_ahead_closes_the_batch_before_closes_it_once(
+    pg_dsn: str, pg_schema: str, pg_pool: ConnectionPool[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the poll loop waits for a read-ahead that is closing the batch before in
+    its claim's transaction: the relay waits for that call before releasing its batches, so the
+    batch's marks are applied once (a failure counts one attempt) and nothing stays leased."""
+    from outboxbind import relay as relay_module
+
+    store = PostgresStore(pg_pool, schema=pg_schema, lease_duration=30)
+    store.migrate()
+    pg_write(pg_dsn, pg_schema, *["ann"] * 6, *["bob"] * 4)
+    codec = order_topic().codec
+    closing = threading.Event()
+    execute = psycopg.Connection.execute
+    result_or_error = relay_module._result_or_error
+
+    def slow_close(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        cursor = execute(self, query, *args, **kwargs)
+        if query is store._s.sql["close_batch"] and sys._getframe(1).f_code.co_name == "_checkout":
+            closing.set()  # closed within the read-ahead, which holds its locks a while
+            execute(self, "SELECT pg_sleep(0.5)")
+        return cursor
+
+    def interrupted(future: Any) -> object:
+        if closing.wait(0.2):  # Ctrl-C while that read-ahead is under way
+            raise KeyboardInterrupt
+        return result_or_error(future)
+
+    def fail_first(message: PersistedMessage) -> BaseException | None:
+        return ConnectionError("refused") if codec.decode(message.data).order_id == 0 else None
+
+    monkeypatch.setattr(psycopg.Connection, "execute", slow_close)
+    monkeypatch.setattr(relay_module, "_result_or_error", interrupted)
+    topic = InMemoryTopic("orders", codec, ordering_key=lambda m: m.customer, fail=fail_first)
+    relay = Relay(store, poll_interval=60.0, publish_timeout=5.0)
+    relay.register_topic(topic, retry=RetryPolicy(max_attempts=5, initial_delay=30, jitter=0.0))
+    with pytest.raises(KeyboardInterrupt):
+        relay.poll_for_messages(4)
+    monkeypatch.undo()
+    assert closing.is_set()
+    with psycopg.connect(pg_dsn) as conn:
+        attempts = conn.execute(
+            f'SELECT attempts FROM "{pg_schema}".outbox WHERE attempts > 0'
+        ).fetchall()
+        leases = conn.execute(f'SELECT ordering_key FROM "{pg_schema}".outbox_leases').fetchall()
+    assert attempts == [(1,)]  # order 0 failed once: one attempt, not two
+    assert leases == []
 
 
 def test_postgres_a_taken_over_chain_can_change_nothing(
