@@ -39,6 +39,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
+from outboxbind.errors import LeaseLost
 from outboxbind.messages import PersistedMessage
 
 T = TypeVar("T")
@@ -130,7 +131,7 @@ class ReadAheadBatch(MessageBatch, Protocol):
         ``closing`` is the batch before this one, published and marked, which the relay is
         about to close: a store may close it first in the same round trip, exactly as its
         ``close()`` would, and then let its ``close()`` do nothing but raise what closing found
-        (``LeaseLost``); :meth:`BufferedBatch.closed_by_store` does that. The relay calls
+        (``LeaseLost``); :meth:`BufferedBatch.close_within` does that. The relay calls
         ``closing.close()`` after this returns or raises, so a store that leaves it (or fails
         before closing it) loses nothing.
 
@@ -429,12 +430,16 @@ class _MarkBuffer:
                 recorded = outcomes[sequence] = []
             recorded.append(mark)
 
-    def closed_by_store(self, error: BaseException | None = None) -> None:
-        """For a store that applied this batch's marks within another round trip (closing it
-        while reading the next batch ahead): the batch is closed, and its ``close()`` does
-        nothing but raise ``error`` (``LeaseLost``), once, if there is one."""
+    def close_within(self, close: Callable[[], object]) -> None:
+        """For a store that closes this batch within another round trip (while reading the next
+        batch ahead): run ``close``, the store's own close of it (or what checks its outcome),
+        and mark the batch closed. A ``LeaseLost`` it raises is kept: this batch's ``close()``
+        then does nothing but raise it, once. Any other error leaves the batch open."""
+        try:
+            close()
+        except LeaseLost as lost:
+            self._closed_with = lost
         self.closed = True
-        self._closed_with = error
 
     def _closing(self) -> bool:
         """Mark the batch closed; return False if it already was (raising what a store that

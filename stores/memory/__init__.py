@@ -413,10 +413,5 @@ class InMemoryBatch(BufferedBatch):
             and closing._store is self._store
             and not closing.closed
         ):
-            try:
-                self._store._close_batch(closing)
-            except LeaseLost as lost:
-                closing.closed_by_store(lost)
-            else:
-                closing.closed_by_store()
+            closing.close_within(lambda: self._store._close_batch(closing))
         return self._store._checkout(topic_names, limit, self, continuing)

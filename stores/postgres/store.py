@@ -271,18 +271,6 @@ class _Statements:
                 "another relay; this batch's marks for them were dropped"
             )
 
-    def settle(
-        self, batch: BufferedBatch | AsyncBufferedBatch, held: Sequence[tuple[Any, ...]]
-    ) -> None:
-        """A batch closed within a read-ahead's round trip: closed, its LeaseLost kept for its
-        own ``close()`` to raise."""
-        try:
-            self.check_held(batch, held)
-        except LeaseLost as lost:
-            batch.closed_by_store(lost)
-        else:
-            batch.closed_by_store()
-
     def dead_letter(self, row: tuple[Any, ...]) -> DeadLetter:
         id_, topic, key, data, attributes, created_at, attempts, error, failed_at, state = row
         if not isinstance(attributes, dict):  # a row parked as unreadable: shown without them
@@ -481,7 +469,8 @@ class PostgresStore:
             claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             conn.commit()  # waits for the results of the statements before it
             if closing is not None:  # closed for good, even if the read below fails
-                self._s.settle(closing, ending.fetchall())
+                held = ending.fetchall()
+                closing.close_within(lambda: self._s.check_held(closing, held))
             conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with each transaction
             reading = conn.execute(
                 self._s.sql["claimed_messages"],
@@ -661,7 +650,8 @@ class AsyncPostgresStore:
             claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
             await conn.commit()  # waits for the results of the statements before it
             if closing is not None:  # closed for good, even if the read below fails
-                self._s.settle(closing, await ending.fetchall())
+                held = await ending.fetchall()
+                closing.close_within(lambda: self._s.check_held(closing, held))
             await conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with the last
             reading = await conn.execute(
                 self._s.sql["claimed_messages"],
