@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Sequence
@@ -288,5 +289,75 @@ def test_async_a_wake_up_does_not_leave_the_relay_busy_polling() -> None:
         assert store.checkouts < 15  # the wake-up and its short re-checks, then idle
         await relay.stop(timeout=5)
         await task
+
+    asyncio.run(scenario())
+
+
+class CommitsDuringAnEmptyCheckout(InMemoryStore):
+    """A store whose ``during_checkout`` hook runs once, right after a checkout found nothing:
+    what it commits and asks there lands after the round's look at the outbox."""
+
+    during_checkout: list[object]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_checkout = []
+
+    def checkout_batch(self, topic_names: Sequence[str], limit: int) -> InMemoryBatch | None:
+        batch = super().checkout_batch(topic_names, limit)
+        if batch is None and self.during_checkout:
+            hook = self.during_checkout.pop()
+            assert callable(hook)
+            hook()
+        return batch
+
+
+def test_stop_with_drain_publishes_what_committed_while_an_empty_checkout_was_running() -> None:
+    # The round in flight when stop(drain=True) is asked may have looked at the outbox before
+    # the last commit: its finding nothing does not mean the outbox is drained.
+    store = CommitsDuringAnEmptyCheckout()
+    topic = order_topic()
+    relay = Relay(store, poll_interval=60.0)
+    relay.register_topic(topic)
+    stopped: list[bool] = []
+    asker = threading.Thread(target=lambda: stopped.append(relay.stop(drain=True, timeout=10)))
+
+    def commit_then_stop() -> None:
+        write(store, topic, *[OrderPlaced(i, f"c{i % 4}") for i in range(40)])
+        asker.start()
+        time.sleep(0.2)  # the request is made before this round's result is looked at
+
+    store.during_checkout.append(commit_then_stop)
+    poller = threading.Thread(target=relay.poll_for_messages, args=(10,))
+    poller.start()
+    poller.join(15)
+    asker.join(15)
+    assert not poller.is_alive()
+    assert stopped == [True]
+    assert sorted(m.order_id for m in topic.messages()) == list(range(40))
+
+
+def test_async_stop_with_drain_publishes_what_committed_while_an_empty_checkout_was_running() -> (
+    None
+):
+    async def scenario() -> None:
+        store = CommitsDuringAnEmptyCheckout()
+        topic = order_topic()
+        relay = AsyncRelay(store, poll_interval=60.0)  # a sync store: checkouts in a thread
+        relay.register_topic(topic)
+        loop = asyncio.get_running_loop()
+        stopping: list[concurrent.futures.Future[bool]] = []
+
+        def commit_then_stop() -> None:
+            write(store, topic, *[OrderPlaced(i, f"c{i % 4}") for i in range(40)])
+            stop = relay.stop(drain=True, timeout=10)
+            stopping.append(asyncio.run_coroutine_threadsafe(stop, loop))
+            time.sleep(0.2)  # the loop runs stop() up to its wait meanwhile
+
+        store.during_checkout.append(commit_then_stop)
+        await asyncio.wait_for(relay.poll_for_messages(10), 15)
+        [stop] = stopping
+        assert await asyncio.wrap_future(stop) is True
+        assert sorted(m.order_id for m in topic.messages()) == list(range(40))
 
     asyncio.run(scenario())

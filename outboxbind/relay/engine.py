@@ -437,6 +437,9 @@ class RelayEngine:
         hints_left = 0
         pipeline = _Pipeline()
         while not control.should_stop_now():
+            # only a round begun after stop() was asked can tell that the outbox is drained:
+            # one already running may have looked before the last commit
+            stopping = control.requested
             result = yield from self._round(batch_size, pipeline)
             if result.store_error is not None:
                 store_failures += 1
@@ -448,7 +451,7 @@ class RelayEngine:
             store_failures = 0
             progressed = result.successes + result.errors > 0  # not only released messages
             if control.requested:
-                if not progressed:
+                if stopping and not progressed:
                     break  # drained: nothing is due, or nothing can be published now
                 continue
             if progressed:
