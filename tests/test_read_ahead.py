@@ -332,6 +332,43 @@ def test_postgres_read_ahead_closes_the_batch_before_in_the_same_round_trip(
     third.close()
 
 
+def test_postgres_a_read_ahead_whose_close_fails_leaves_no_lease_and_the_batch_before_open(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch before is closed in the read-ahead's transaction, while its rows are decoded:
+    when that close fails on the server, the claim is rolled back with it (nothing is left
+    leased for a batch nobody holds) and the batch before stays open for its own close()."""
+    ids = pg_write(pg_dsn, pg_schema, *[f"k{i:02}" for i in range(12) for _ in range(2)])
+    first = clocked.checkout_batch(["orders"], 4)  # four keys, one message each
+    assert isinstance(first, ReadAheadBatch)
+    second = first.read_ahead(["orders"], 4, set())  # four others
+    assert isinstance(second, ReadAheadBatch)
+    held = sorted({m.ordering_key for m in [*first.messages, *second.messages]})
+    assert len(held) == 8
+    for message in first.messages:
+        first.mark_published(message, "p")
+    close_params = clocked._s.close_params
+
+    def unparseable(batch: Any) -> dict[str, Any]:
+        return {**close_params(batch), "published": "{not a number}"}  # fails on the server
+
+    monkeypatch.setattr(clocked._s, "close_params", unparseable)
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        second.read_ahead(["orders"], 4, set(), first)  # four free keys are left to claim
+    monkeypatch.undo()
+    assert not first.closed
+    with psycopg.connect(pg_dsn) as conn:
+        leases = conn.execute(
+            f'SELECT ordering_key FROM "{pg_schema}".outbox_leases ORDER BY ordering_key'
+        ).fetchall()
+    assert [key for (key,) in leases] == held  # the first two batches' leases, no third claim
+    first.close()  # applies its marks now, once
+    second.close()
+    with psycopg.connect(pg_dsn) as conn:
+        left = conn.execute(f'SELECT id FROM "{pg_schema}".outbox ORDER BY id').fetchall()
+    assert sorted(str(row[0]) for row in left) == sorted(set(ids) - {m.id for m in first.messages})
+
+
 def test_postgres_read_ahead_leaves_its_sequences_when_free_ones_fill_the_batch(
     pg_dsn: str, pg_schema: str, clocked: PostgresStore
 ) -> None:

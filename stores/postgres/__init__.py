@@ -2,7 +2,7 @@
 
 Writers use :func:`persister` on their psycopg connection (or :func:`sqlalchemy_persister` on a
 SQLAlchemy session); relays use :class:`PostgresStore` or :class:`AsyncPostgresStore` over a
-pool. Sequences are leased with fencing tokens, claimed with one committed statement, and
+pool. Sequences are leased with fencing tokens, claimed and read in one short transaction, and
 relays wake on commit through LISTEN/NOTIFY.
 """
 

@@ -21,9 +21,10 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- (%(topics)s comes rotated), and each topic's ordering keys downwards from just below where
 -- this relay stopped last, round (from the top) to it. A lease row another relay is working on right now is
 -- skipped (SKIP LOCKED), never waited for. Each lease is written with this claim's own name
--- (%(claim)s), by which the next statement finds them. Committed before anything is published;
--- the messages are read by the next statement, with a fresh snapshot (this one's may predate
--- another relay's ack of the same sequence, if the claim had to wait).
+-- (%(claim)s), by which the next statement finds them. Committed with it before anything is
+-- published; the messages are read by the next statement, in the same transaction with a fresh
+-- snapshot (READ COMMITTED: this one's may predate another relay's ack of the same sequence,
+-- if the claim had to wait).
 -- A read-ahead (a batch still publishing asks for the next) also names the sequences it may
 -- continue (%(continue_topics)s, ..., with its lease tokens): when the free sequences cannot
 -- fill the batch, those leases are extended and renamed to this claim, so the read finds them

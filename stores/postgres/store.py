@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
@@ -64,6 +65,19 @@ RELAY_TRANSACTION = (
     "SELECT set_config('synchronous_commit', 'off', true), set_config('jit', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
+
+
+@attrs.frozen
+class _Found:
+    """What a claim and its read found: the batch's messages, the leases (sequence -> token),
+    which of them were carried on from the batch that read ahead, the position of each
+    sequence's last message, and the rows that cannot be read as messages (id -> why)."""
+
+    messages: list[PersistedMessage]
+    tokens: dict[SequenceKey, str]
+    continued: set[SequenceKey]
+    last_positions: dict[SequenceKey, int]
+    unreadable: dict[int, str]
 
 
 class _Statements:
@@ -163,6 +177,18 @@ class _Statements:
             walked = params["topics"]
             self._last_topic = max(furthest, key=walked.index)
         return tokens, continued
+
+    def found(
+        self,
+        claims: Sequence[tuple[Any, ...]],
+        params: dict[str, Any],
+        rows: Sequence[tuple[Any, ...]],
+        limit: int,
+    ) -> _Found:
+        """The batch a claim (``claims``, its rows) and its read (``rows``) found."""
+        tokens, continued = self.claimed(claims, params)
+        messages, unreadable, last_positions = self.batch_messages(rows, limit)
+        return _Found(messages, tokens, continued, last_positions, unreadable)
 
     def batch_messages(
         self, rows: Sequence[tuple[Any, ...]], limit: int
@@ -443,8 +469,9 @@ class PostgresStore:
     def checkout_batch(self, topic_names: Sequence[str], limit: int) -> PostgresBatch | None:
         """Lease up to ``limit`` due messages of ``topic_names``.
 
-        Two statements in one round trip: the claim commits first (so the leases hold before
-        anything is published), then the messages are read with a fresh snapshot.
+        Two statements in one round trip and one transaction, committed before anything is
+        published: the claim leases the sequences, then the read takes their messages with a
+        fresh snapshot (each statement has its own under ``READ COMMITTED``).
         """
         return self._checkout(topic_names, limit)
 
@@ -460,33 +487,41 @@ class PostgresStore:
             return None
         params = self._s.checkout_params(topic_names, limit, parent, continuing)
         closing = closing if closing is not None and not closing.closed else None
-        with self.pool.connection() as conn, conn.pipeline():
+        found: _Found | None = None
+        with self.pool.connection() as conn, conn.pipeline() as pipeline:
             conn.execute(RELAY_TRANSACTION, prepare=True)
-            if closing is not None:  # the batch before, closed in the claim's transaction
-                ending = conn.execute(
-                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
-                )
             claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
-            conn.commit()  # waits for the results of the statements before it
-            if closing is not None:  # closed for good, even if the read below fails
-                held = ending.fetchall()
-                closing.close_within(lambda: self._s.check_held(closing, held))
-            conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with each transaction
             reading = conn.execute(
                 self._s.sql["claimed_messages"],
                 params,
                 binary=True,  # bytea as bytes on the wire: no hex to decode
                 prepare=True,
             )
-            conn.commit()
+            pipeline.sync()  # the leases and the rows are in; the transaction stays open
+            if closing is not None:  # the batch before, closed while the rows are decoded
+                ending = conn.execute(
+                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
+                )
             claims = claiming.fetchall()
-            if not claims:
-                return None
-            tokens, continued = self._s.claimed(claims, params)
-            messages, unreadable, last_positions = self._s.batch_messages(reading.fetchall(), limit)
-            if unreadable:
-                conn.execute(self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable))
+            if claims:
+                found = self._s.found(claims, params, reading.fetchall(), limit)
+            conn.commit()  # the leases hold before anything is published
+            if closing is not None:
+                held = ending.fetchall()
+                closing.close_within(lambda: self._s.check_held(closing, held))
+            if found is not None and found.unreadable:
+                conn.execute(
+                    self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
+                )
                 conn.commit()
+        if found is None:
+            return None
+        messages, tokens, continued, last_positions = (
+            found.messages,
+            found.tokens,
+            found.continued,
+            found.last_positions,
+        )
         if parent is None:
             return PostgresBatch(messages, tokens, self, last_positions, {})
         parent.passed_on = continued
@@ -641,37 +676,41 @@ class AsyncPostgresStore:
             return None
         params = self._s.checkout_params(topic_names, limit, parent, continuing)
         closing = closing if closing is not None and not closing.closed else None
-        async with self.pool.connection() as conn, conn.pipeline():
+        found: _Found | None = None
+        async with self.pool.connection() as conn, conn.pipeline() as pipeline:
             await conn.execute(RELAY_TRANSACTION, prepare=True)
-            if closing is not None:  # the batch before, closed in the claim's transaction
-                ending = await conn.execute(
-                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
-                )
             claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
-            await conn.commit()  # waits for the results of the statements before it
-            if closing is not None:  # closed for good, even if the read below fails
-                held = await ending.fetchall()
-                closing.close_within(lambda: self._s.check_held(closing, held))
-            await conn.execute(RELAY_TRANSACTION, prepare=True)  # its settings end with the last
             reading = await conn.execute(
                 self._s.sql["claimed_messages"],
                 params,
                 binary=True,  # bytea as bytes on the wire: no hex to decode
                 prepare=True,
             )
-            await conn.commit()
+            await pipeline.sync()  # the leases and the rows are in; the transaction stays open
+            if closing is not None:  # the batch before, closed while the rows are decoded
+                ending = await conn.execute(
+                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
+                )
             claims = await claiming.fetchall()
-            if not claims:
-                return None
-            tokens, continued = self._s.claimed(claims, params)
-            messages, unreadable, last_positions = self._s.batch_messages(
-                await reading.fetchall(), limit
-            )
-            if unreadable:
+            if claims:
+                found = self._s.found(claims, params, await reading.fetchall(), limit)
+            await conn.commit()  # the leases hold before anything is published
+            if closing is not None:
+                held = await ending.fetchall()
+                closing.close_within(lambda: self._s.check_held(closing, held))
+            if found is not None and found.unreadable:
                 await conn.execute(
-                    self._s.sql["park_unreadable"], self._s.unreadable_params(unreadable)
+                    self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
                 await conn.commit()
+        if found is None:
+            return None
+        messages, tokens, continued, last_positions = (
+            found.messages,
+            found.tokens,
+            found.continued,
+            found.last_positions,
+        )
         if parent is None:
             return AsyncPostgresBatch(messages, tokens, self, last_positions, {})
         parent.passed_on = continued
