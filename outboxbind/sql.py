@@ -13,7 +13,7 @@ from importlib.resources.abc import Traversable
 
 from outboxbind.errors import InvalidIdentifier
 
-__all__ = ["check_identifier", "load_queries", "quote_identifier", "render"]
+__all__ = ["check_identifier", "load_queries", "numbered", "quote_identifier", "render"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_IDENTIFIER_LENGTH = 48  # leaves room for suffixes within PostgreSQL's 63 bytes
@@ -60,6 +60,32 @@ def load_queries(source: Traversable) -> dict[str, str]:
     if name is not None:
         queries[name] = "\n".join(lines).strip()
     return queries
+
+
+_NAMED_PARAMETER = re.compile(r"%\((\w+)\)s")
+
+
+def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``sql`` with its ``%(name)s`` parameters written ``$1``, ``$2``... (one number per name),
+    and the names in number order.
+
+    For a driver's raw cursor (psycopg's ``RawCursor``), which sends the statement as it is
+    instead of parsing it for parameters at every execution (psycopg caches that parse only
+    for statements under 4 KB). Raises ``ValueError`` if any other ``%`` is left, since a raw
+    cursor would send it unchanged.
+    """
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    converted = _NAMED_PARAMETER.sub(number, sql)
+    if "%" in converted:
+        raise ValueError(f"a % that is not a %(name)s parameter is left in: {sql[:80]!r}...")
+    return converted, tuple(names)
 
 
 def render(queries: Mapping[str, str], identifiers: Mapping[str, str]) -> dict[str, str]:

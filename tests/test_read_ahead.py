@@ -343,7 +343,7 @@ def test_postgres_a_read_ahead_whose_close_fails_leaves_no_lease_and_the_batch_b
     assert isinstance(first, ReadAheadBatch)
     second = first.read_ahead(["orders"], 4, set())  # four others
     assert isinstance(second, ReadAheadBatch)
-    held = sorted({m.ordering_key for m in [*first.messages, *second.messages]})
+    held = sorted({m.ordering_key or "" for m in [*first.messages, *second.messages]})
     assert len(held) == 8
     for message in first.messages:
         first.mark_published(message, "p")
@@ -399,14 +399,15 @@ def test_postgres_an_interrupt_while_the_read_ahead_closes_the_batch_before_clos
     pg_write(pg_dsn, pg_schema, *["ann"] * 6, *["bob"] * 4)
     codec = order_topic().codec
     closing = threading.Event()
-    execute = psycopg.Connection.execute
+    execute = psycopg.RawCursor.execute
     result_or_error = relay_module._result_or_error
+    close_batch, _ = store._s.numbered["close_batch"]
 
-    def slow_close(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+    def slow_close(self: psycopg.RawCursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
         cursor = execute(self, query, *args, **kwargs)
-        if query is store._s.sql["close_batch"] and sys._getframe(1).f_code.co_name == "_checkout":
+        if query is close_batch and sys._getframe(1).f_code.co_name == "_checkout":
             closing.set()  # closed within the read-ahead, which holds its locks a while
-            execute(self, "SELECT pg_sleep(0.5)")
+            self.connection.execute("SELECT pg_sleep(0.5)")
         return cursor
 
     def interrupted(future: Any) -> object:
@@ -417,7 +418,7 @@ def test_postgres_an_interrupt_while_the_read_ahead_closes_the_batch_before_clos
     def fail_first(message: PersistedMessage) -> BaseException | None:
         return ConnectionError("refused") if codec.decode(message.data).order_id == 0 else None
 
-    monkeypatch.setattr(psycopg.Connection, "execute", slow_close)
+    monkeypatch.setattr(psycopg.RawCursor, "execute", slow_close)
     monkeypatch.setattr(relay_module, "_result_or_error", interrupted)
     topic = InMemoryTopic("orders", codec, ordering_key=lambda m: m.customer, fail=fail_first)
     relay = Relay(store, poll_interval=60.0, publish_timeout=5.0)

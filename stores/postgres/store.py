@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from outboxbind.errors import ConfigurationError, LeaseLost
 from outboxbind.messages import PersistedMessage
-from outboxbind.sql import quote_identifier
+from outboxbind.sql import numbered, quote_identifier
 from outboxbind.store import (
     AsyncBufferedBatch,
     AsyncMessageBatch,
@@ -61,6 +61,9 @@ MOST_CONTINUATIONS = 16
 #: each can fill a quarter of it, with room for some that cannot.
 MOST_SEQUENCES_WALKED = 16
 
+#: The statements the relay runs at every batch: executed through a raw cursor.
+RELAY_STATEMENTS = ("claim_sequences", "claimed_messages", "close_batch")
+
 RELAY_TRANSACTION = (
     "SELECT set_config('synchronous_commit', 'off', true), set_config('jit', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
@@ -98,6 +101,8 @@ class _Statements:
         self.schema = schema
         self.table = table
         self.sql = queries_for(schema, table)
+        #: The relay's statements with numbered parameters, for a raw cursor (no parse per run)
+        self.numbered = {name: numbered(self.sql[name]) for name in RELAY_STATEMENTS}
         self.lease_duration = lease_duration
         self.clock = clock
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -110,6 +115,11 @@ class _Statements:
         #: and still count too few messages to fill the batch, narrowed back when they fill it
         #: with much fewer. Walking every key of a topic at each claim cost ~4 ms at 100 keys.
         self._walk = MOST_SEQUENCES_WALKED
+
+    def statement(self, name: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+        """The relay's statement ``name`` and its parameters, for a raw cursor."""
+        sql, names = self.numbered[name]
+        return sql, [params[parameter] for parameter in names]
 
     def now(self) -> datetime | None:
         return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
@@ -490,17 +500,18 @@ class PostgresStore:
         found: _Found | None = None
         with self.pool.connection() as conn, conn.pipeline() as pipeline:
             conn.execute(RELAY_TRANSACTION, prepare=True)
-            claiming = conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
-            reading = conn.execute(
-                self._s.sql["claimed_messages"],
-                params,
+            claiming = psycopg.RawCursor(conn).execute(
+                *self._s.statement("claim_sequences", params), prepare=True
+            )
+            reading = psycopg.RawCursor(conn).execute(
+                *self._s.statement("claimed_messages", params),
                 binary=True,  # bytea as bytes on the wire: no hex to decode
                 prepare=True,
             )
             pipeline.sync()  # the leases and the rows are in; the transaction stays open
             if closing is not None:  # the batch before, closed while the rows are decoded
-                ending = conn.execute(
-                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
+                ending = psycopg.RawCursor(conn).execute(
+                    *self._s.statement("close_batch", self._s.close_params(closing)), prepare=True
                 )
             claims = claiming.fetchall()
             if claims:
@@ -531,8 +542,8 @@ class PostgresStore:
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
             conn.execute(RELAY_TRANSACTION, prepare=True)
-            closing = conn.execute(
-                self._s.sql["close_batch"], self._s.close_params(batch), prepare=True
+            closing = psycopg.RawCursor(conn).execute(
+                *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
             conn.commit()
             held = closing.fetchall()
@@ -679,17 +690,18 @@ class AsyncPostgresStore:
         found: _Found | None = None
         async with self.pool.connection() as conn, conn.pipeline() as pipeline:
             await conn.execute(RELAY_TRANSACTION, prepare=True)
-            claiming = await conn.execute(self._s.sql["claim_sequences"], params, prepare=True)
-            reading = await conn.execute(
-                self._s.sql["claimed_messages"],
-                params,
+            claiming = await psycopg.AsyncRawCursor(conn).execute(
+                *self._s.statement("claim_sequences", params), prepare=True
+            )
+            reading = await psycopg.AsyncRawCursor(conn).execute(
+                *self._s.statement("claimed_messages", params),
                 binary=True,  # bytea as bytes on the wire: no hex to decode
                 prepare=True,
             )
             await pipeline.sync()  # the leases and the rows are in; the transaction stays open
             if closing is not None:  # the batch before, closed while the rows are decoded
-                ending = await conn.execute(
-                    self._s.sql["close_batch"], self._s.close_params(closing), prepare=True
+                ending = await psycopg.AsyncRawCursor(conn).execute(
+                    *self._s.statement("close_batch", self._s.close_params(closing)), prepare=True
                 )
             claims = await claiming.fetchall()
             if claims:
@@ -720,8 +732,8 @@ class AsyncPostgresStore:
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():
             await conn.execute(RELAY_TRANSACTION, prepare=True)
-            closing = await conn.execute(
-                self._s.sql["close_batch"], self._s.close_params(batch), prepare=True
+            closing = await psycopg.AsyncRawCursor(conn).execute(
+                *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
             await conn.commit()
             held = await closing.fetchall()
