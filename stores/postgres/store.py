@@ -402,7 +402,7 @@ class PostgresBatch(BufferedBatch):
         :meth:`outboxbind.store.ReadAheadBatch.read_ahead`. The sequences of ``continuing``
         are carried on only when the sequences nobody holds cannot fill the batch, and at
         most :data:`MOST_CONTINUATIONS` batches in a row. ``closing``, a batch of the same
-        store, is closed first, in the claim's transaction and the same round trip."""
+        store, is closed in the claim's transaction, once the rows are read."""
         if self.closed:
             raise RuntimeError("this batch is closed")
         previous = closing if isinstance(closing, PostgresBatch) else None
@@ -508,15 +508,19 @@ class PostgresStore:
                 binary=True,  # bytea as bytes on the wire: no hex to decode
                 prepare=True,
             )
-            pipeline.sync()  # the leases and the rows are in; the transaction stays open
-            if closing is not None:  # the batch before, closed while the rows are decoded
+            if closing is not None:
+                pipeline.sync()  # the leases and the rows are in; the transaction stays open
+                # the batch before, closed while the rows are decoded, then committed with them
                 ending = psycopg.RawCursor(conn).execute(
                     *self._s.statement("close_batch", self._s.close_params(closing)), prepare=True
                 )
+            else:
+                conn.commit()  # one round trip: the leases hold before anything is published
             claims = claiming.fetchall()
             if claims:
                 found = self._s.found(claims, params, reading.fetchall(), limit)
-            conn.commit()  # the leases hold before anything is published
+            if closing is not None:
+                conn.commit()  # the leases hold before anything is published
             if closing is not None:
                 held = ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
@@ -527,17 +531,11 @@ class PostgresStore:
                 conn.commit()
         if found is None:
             return None
-        messages, tokens, continued, last_positions = (
-            found.messages,
-            found.tokens,
-            found.continued,
-            found.last_positions,
-        )
         if parent is None:
-            return PostgresBatch(messages, tokens, self, last_positions, {})
-        parent.passed_on = continued
-        depth = {sequence: parent.continuations.get(sequence, 0) + 1 for sequence in continued}
-        return PostgresBatch(messages, tokens, self, last_positions, depth)
+            return PostgresBatch(found.messages, found.tokens, self, found.last_positions, {})
+        parent.passed_on = found.continued
+        depth = {s: parent.continuations.get(s, 0) + 1 for s in found.continued}
+        return PostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, conn.pipeline():
@@ -698,15 +696,19 @@ class AsyncPostgresStore:
                 binary=True,  # bytea as bytes on the wire: no hex to decode
                 prepare=True,
             )
-            await pipeline.sync()  # the leases and the rows are in; the transaction stays open
-            if closing is not None:  # the batch before, closed while the rows are decoded
+            if closing is not None:
+                await pipeline.sync()  # the leases and the rows are in; the transaction stays open
+                # the batch before, closed while the rows are decoded, then committed with them
                 ending = await psycopg.AsyncRawCursor(conn).execute(
                     *self._s.statement("close_batch", self._s.close_params(closing)), prepare=True
                 )
+            else:
+                await conn.commit()  # one round trip: the leases hold before anything is published
             claims = await claiming.fetchall()
             if claims:
                 found = self._s.found(claims, params, await reading.fetchall(), limit)
-            await conn.commit()  # the leases hold before anything is published
+            if closing is not None:
+                await conn.commit()  # the leases hold before anything is published
             if closing is not None:
                 held = await ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
@@ -717,17 +719,11 @@ class AsyncPostgresStore:
                 await conn.commit()
         if found is None:
             return None
-        messages, tokens, continued, last_positions = (
-            found.messages,
-            found.tokens,
-            found.continued,
-            found.last_positions,
-        )
         if parent is None:
-            return AsyncPostgresBatch(messages, tokens, self, last_positions, {})
-        parent.passed_on = continued
-        depth = {sequence: parent.continuations.get(sequence, 0) + 1 for sequence in continued}
-        return AsyncPostgresBatch(messages, tokens, self, last_positions, depth)
+            return AsyncPostgresBatch(found.messages, found.tokens, self, found.last_positions, {})
+        parent.passed_on = found.continued
+        depth = {s: parent.continuations.get(s, 0) + 1 for s in found.continued}
+        return AsyncPostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, conn.pipeline():
