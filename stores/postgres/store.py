@@ -521,7 +521,6 @@ class PostgresStore:
                 found = self._s.found(claims, params, reading.fetchall(), limit)
             if closing is not None:
                 conn.commit()  # the leases hold before anything is published
-            if closing is not None:
                 held = ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
             if found is not None and found.unreadable:
@@ -709,7 +708,6 @@ class AsyncPostgresStore:
                 found = self._s.found(claims, params, await reading.fetchall(), limit)
             if closing is not None:
                 await conn.commit()  # the leases hold before anything is published
-            if closing is not None:
                 held = await ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
             if found is not None and found.unreadable:
