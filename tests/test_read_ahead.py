@@ -369,6 +369,39 @@ def test_postgres_a_read_ahead_whose_close_fails_leaves_no_lease_and_the_batch_b
     assert sorted(str(row[0]) for row in left) == sorted(set(ids) - {m.id for m in first.messages})
 
 
+def test_postgres_a_read_ahead_that_cannot_decode_its_rows_commits_nothing(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-ahead's transaction commits only after its rows became a batch: if that fails,
+    neither its claim nor its close of the batch before is kept."""
+    pg_write(pg_dsn, pg_schema, *[f"k{i:02}" for i in range(12) for _ in range(2)])
+    first = clocked.checkout_batch(["orders"], 4)
+    assert isinstance(first, ReadAheadBatch)
+    second = first.read_ahead(["orders"], 4, set())
+    assert isinstance(second, ReadAheadBatch)
+    for message in first.messages:
+        first.mark_published(message, "p")
+
+    def undecodable(*_args: object) -> object:
+        raise MemoryError("no room for the rows")
+
+    monkeypatch.setattr(clocked._s, "batch_messages", undecodable)
+    with pytest.raises(MemoryError):
+        second.read_ahead(["orders"], 4, set(), first)
+    monkeypatch.undo()
+    assert not first.closed
+    with psycopg.connect(pg_dsn) as conn:
+        leases = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox_leases').fetchone()
+        left = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox').fetchone()
+    assert leases == (8,)  # the first two batches' only
+    assert left == (24,)  # the close was not committed either
+    first.close()
+    second.close()
+    with psycopg.connect(pg_dsn) as conn:
+        left = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox').fetchone()
+    assert left == (20,)
+
+
 def test_postgres_read_ahead_leaves_its_sequences_when_free_ones_fill_the_batch(
     pg_dsn: str, pg_schema: str, clocked: PostgresStore
 ) -> None:

@@ -64,6 +64,9 @@ MOST_SEQUENCES_WALKED = 16
 #: The statements the relay runs at every batch: executed through a raw cursor.
 RELAY_STATEMENTS = ("claim_sequences", "claimed_messages", "close_batch")
 
+#: Sent as a statement rather than by ``commit()``, which would wait for it on its own round trip.
+COMMIT = "COMMIT"
+
 RELAY_TRANSACTION = (
     "SELECT set_config('synchronous_commit', 'off', true), set_config('jit', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
@@ -194,8 +197,10 @@ class _Statements:
         params: dict[str, Any],
         rows: Sequence[tuple[Any, ...]],
         limit: int,
-    ) -> _Found:
-        """The batch a claim (``claims``, its rows) and its read (``rows``) found."""
+    ) -> _Found | None:
+        """The batch a claim (``claims``, its rows) and its read (``rows``) found, if any."""
+        if not claims:
+            return None
         tokens, continued = self.claimed(claims, params)
         messages, unreadable, last_positions = self.batch_messages(rows, limit)
         return _Found(messages, tokens, continued, last_positions, unreadable)
@@ -498,29 +503,29 @@ class PostgresStore:
         params = self._s.checkout_params(topic_names, limit, parent, continuing)
         closing = closing if closing is not None and not closing.closed else None
         found: _Found | None = None
-        with self.pool.connection() as conn, conn.pipeline() as pipeline:
-            conn.execute(RELAY_TRANSACTION, prepare=True)
-            claiming = psycopg.RawCursor(conn).execute(
-                *self._s.statement("claim_sequences", params), prepare=True
-            )
-            reading = psycopg.RawCursor(conn).execute(
-                *self._s.statement("claimed_messages", params),
-                binary=True,  # bytea as bytes on the wire: no hex to decode
-                prepare=True,
-            )
-            if closing is not None:
-                pipeline.sync()  # the leases and the rows are in; the transaction stays open
-                # the batch before, closed while the rows are decoded, then committed with them
-                ending = psycopg.RawCursor(conn).execute(
-                    *self._s.statement("close_batch", self._s.close_params(closing)), prepare=True
+        with self.pool.connection() as conn:
+            with conn.pipeline() as pipeline:
+                conn.execute(RELAY_TRANSACTION, prepare=True)
+                claiming = psycopg.RawCursor(conn).execute(
+                    *self._s.statement("claim_sequences", params), prepare=True
                 )
+                reading = psycopg.RawCursor(conn).execute(
+                    *self._s.statement("claimed_messages", params),
+                    binary=True,  # bytea as bytes on the wire: no hex to decode
+                    prepare=True,
+                )
+                if closing is not None:
+                    pipeline.sync()  # the leases and the rows are in; the transaction stays open
+                    # the batch before: the server closes it while the rows are decoded
+                    ending = psycopg.RawCursor(conn).execute(
+                        *self._s.statement("close_batch", self._s.close_params(closing)),
+                        prepare=True,
+                    )
+                    found = self._s.found(claiming.fetchall(), params, reading.fetchall(), limit)
+                conn.execute(COMMIT)  # the end of the pipeline waits for it: one round trip
+            if closing is None:
+                found = self._s.found(claiming.fetchall(), params, reading.fetchall(), limit)
             else:
-                conn.commit()  # one round trip: the leases hold before anything is published
-            claims = claiming.fetchall()
-            if claims:
-                found = self._s.found(claims, params, reading.fetchall(), limit)
-            if closing is not None:
-                conn.commit()  # the leases hold before anything is published
                 held = ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
             if found is not None and found.unreadable:
@@ -685,29 +690,35 @@ class AsyncPostgresStore:
         params = self._s.checkout_params(topic_names, limit, parent, continuing)
         closing = closing if closing is not None and not closing.closed else None
         found: _Found | None = None
-        async with self.pool.connection() as conn, conn.pipeline() as pipeline:
-            await conn.execute(RELAY_TRANSACTION, prepare=True)
-            claiming = await psycopg.AsyncRawCursor(conn).execute(
-                *self._s.statement("claim_sequences", params), prepare=True
-            )
-            reading = await psycopg.AsyncRawCursor(conn).execute(
-                *self._s.statement("claimed_messages", params),
-                binary=True,  # bytea as bytes on the wire: no hex to decode
-                prepare=True,
-            )
-            if closing is not None:
-                await pipeline.sync()  # the leases and the rows are in; the transaction stays open
-                # the batch before, closed while the rows are decoded, then committed with them
-                ending = await psycopg.AsyncRawCursor(conn).execute(
-                    *self._s.statement("close_batch", self._s.close_params(closing)), prepare=True
+        async with self.pool.connection() as conn:
+            async with conn.pipeline() as pipeline:
+                await conn.execute(RELAY_TRANSACTION, prepare=True)
+                claiming = await psycopg.AsyncRawCursor(conn).execute(
+                    *self._s.statement("claim_sequences", params), prepare=True
+                )
+                reading = await psycopg.AsyncRawCursor(conn).execute(
+                    *self._s.statement("claimed_messages", params),
+                    binary=True,  # bytea as bytes on the wire: no hex to decode
+                    prepare=True,
+                )
+                if closing is not None:
+                    await (
+                        pipeline.sync()
+                    )  # the leases and the rows are in; the transaction stays open
+                    # the batch before: the server closes it while the rows are decoded
+                    ending = await psycopg.AsyncRawCursor(conn).execute(
+                        *self._s.statement("close_batch", self._s.close_params(closing)),
+                        prepare=True,
+                    )
+                    found = self._s.found(
+                        await claiming.fetchall(), params, await reading.fetchall(), limit
+                    )
+                await conn.execute(COMMIT)  # the end of the pipeline waits for it: one round trip
+            if closing is None:
+                found = self._s.found(
+                    await claiming.fetchall(), params, await reading.fetchall(), limit
                 )
             else:
-                await conn.commit()  # one round trip: the leases hold before anything is published
-            claims = await claiming.fetchall()
-            if claims:
-                found = self._s.found(claims, params, await reading.fetchall(), limit)
-            if closing is not None:
-                await conn.commit()  # the leases hold before anything is published
                 held = await ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
             if found is not None and found.unreadable:
