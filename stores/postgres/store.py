@@ -547,9 +547,8 @@ class PostgresStore:
             closing = psycopg.RawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
-            conn.commit()
-            held = closing.fetchall()
-        self._s.check_held(batch, held)
+            conn.execute(COMMIT)  # waited for by the pipeline's end
+        self._s.check_held(batch, closing.fetchall())
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Wake ``callback`` when a transaction that wrote to this outbox commits."""
@@ -740,9 +739,8 @@ class AsyncPostgresStore:
             closing = await psycopg.AsyncRawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
-            await conn.commit()
-            held = await closing.fetchall()
-        self._s.check_held(batch, held)
+            await conn.execute(COMMIT)  # waited for by the pipeline's end
+        self._s.check_held(batch, await closing.fetchall())
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Wake ``callback`` (from a listener thread) when a writing transaction commits."""
