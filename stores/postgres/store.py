@@ -523,7 +523,7 @@ class PostgresStore:
                     )
                     found = self._s.found(claiming.fetchall(), params, reading.fetchall(), limit)
                 conn.execute(COMMIT)  # the end of the pipeline waits for it: one round trip
-            if closing is None:
+            if closing is None:  # decoded after the commit: nothing to overlap it with
                 found = self._s.found(claiming.fetchall(), params, reading.fetchall(), limit)
             else:
                 held = ending.fetchall()
@@ -701,9 +701,8 @@ class AsyncPostgresStore:
                     prepare=True,
                 )
                 if closing is not None:
-                    await (
-                        pipeline.sync()
-                    )  # the leases and the rows are in; the transaction stays open
+                    # the leases and the rows are in; the transaction stays open
+                    await pipeline.sync()
                     # the batch before: the server closes it while the rows are decoded
                     ending = await psycopg.AsyncRawCursor(conn).execute(
                         *self._s.statement("close_batch", self._s.close_params(closing)),
@@ -713,7 +712,7 @@ class AsyncPostgresStore:
                         await claiming.fetchall(), params, await reading.fetchall(), limit
                     )
                 await conn.execute(COMMIT)  # the end of the pipeline waits for it: one round trip
-            if closing is None:
+            if closing is None:  # decoded after the commit: nothing to overlap it with
                 found = self._s.found(
                     await claiming.fetchall(), params, await reading.fetchall(), limit
                 )
