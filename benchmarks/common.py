@@ -111,8 +111,9 @@ def fill_fast(
     topic: str | None = None,
 ) -> None:
     """Write ``count`` 1 KB messages, due now, spread evenly over ``topics`` (``topic-0``...,
-    round robin by id), with ids from the outbox's own sequence; then ANALYZE the table. No
-    relay is woken: the rows are written by plain SQL, without the persister's NOTIFY.
+    round robin by id), with ids from the outbox's own sequence; then ANALYZE the table and
+    take a checkpoint (see :func:`checkpoint`). No relay is woken: the rows are written by
+    plain SQL, without the persister's NOTIFY.
 
     Unkeyed by default; with ``keys``, each topic's messages are spread over that many
     ordering keys (``k0``, ``k1``...), each key a sequence of its own. ``topic`` names the one
@@ -133,6 +134,26 @@ def fill_fast(
                 rows = min(FILL_CHUNK, count - start)
                 conn.execute(insert, (topic if topic is not None else topics, PAYLOAD, rows))
         conn.execute(f"ANALYZE {names['outbox']}")
+    checkpoint()
+
+
+_checkpoints_refused = False
+
+
+def checkpoint() -> None:
+    """Write the server's dirty pages out now, so that no checkpoint of the writes before
+    lands in the measurement after (a checkpoint started mid-drain moved a drain's rate by up
+    to a third, either side's). Needs a superuser or ``pg_checkpoint``; without, it says so
+    once and goes on."""
+    global _checkpoints_refused
+    if _checkpoints_refused:
+        return
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        try:
+            conn.execute("CHECKPOINT")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            _checkpoints_refused = True
+            print(f"benchmarks: no CHECKPOINT before each drain ({exc}); figures are noisier")
 
 
 def timed(run: Callable[[], int]) -> float:
