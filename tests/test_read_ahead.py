@@ -36,7 +36,7 @@ from outboxbind.store import ReadAheadBatch, SequenceKey
 from outboxbind.stores.memory import MOST_CONTINUATIONS, InMemoryBatch, InMemoryStore
 from outboxbind.stores.postgres import AsyncPostgresStore, PostgresStore, persister
 from outboxbind.stores.postgres.store import MOST_CONTINUATIONS as PG_MOST_CONTINUATIONS
-from outboxbind.stores.postgres.store import AsyncPostgresBatch
+from outboxbind.stores.postgres.store import AsyncPostgresBatch, PostgresBatch
 from outboxbind.testing import FakeClock
 from outboxbind.topics.memory import InMemoryTopic
 
@@ -525,6 +525,78 @@ def test_postgres_a_row_committed_late_is_published_within_a_bounded_number_of_b
     assert late_id in published
     assert published.index(late_id) - committed_at <= (PG_MOST_CONTINUATIONS + 2) * 10 <= 200
     assert len(set(published)) == len(published)  # nothing twice
+
+
+def drain_by_hand(
+    store: PostgresStore, limit: int, before_read_ahead: Any = None
+) -> tuple[list[str], list[str]]:
+    """Publish the "ann" sequence the poll loop's way, batch after batch read ahead: each
+    read-ahead closes the batch before it; when none comes back the open batches are closed and
+    a fresh checkout reads the sequence from its head. ``before_read_ahead(n)`` runs before the
+    n-th read-ahead (from 1). Returns the ids published, in order, and each batch's lease token.
+    """
+    published: list[str] = []
+    tokens: list[str] = []
+    batch = store.checkout_batch(["orders"], limit)
+    previous: PostgresBatch | None = None
+    read_aheads = 0
+    while batch is not None:
+        tokens.append(batch.tokens[("orders", "ann")])
+        read_aheads += 1
+        if before_read_ahead is not None:
+            before_read_ahead(read_aheads)
+        following = batch.read_ahead(["orders"], limit, {("orders", "ann")}, previous)
+        for message in batch.messages:
+            batch.mark_published(message, "p")
+        published += [message.id for message in batch.messages]
+        if previous is not None and not previous.closed:
+            previous.close()
+        previous, batch = batch, following
+        if batch is None:  # let go: the open batch ends, the sequence is read from its head
+            previous.close()
+            previous, batch = None, store.checkout_batch(["orders"], limit)
+    if previous is not None:
+        previous.close()
+    return published, tokens
+
+
+def test_postgres_a_long_read_ahead_chain_keeps_its_lease_while_nothing_comes_late(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    ids = pg_write(pg_dsn, pg_schema, *["ann"] * 400)
+    published, tokens = drain_by_hand(clocked, 10)
+    assert published == ids
+    # past the point where the store looks for rows committed late (twice), no round without
+    # a batch read ahead: one lease all along
+    assert len(tokens) == 40 > 2 * PG_MOST_CONTINUATIONS
+    assert set(tokens) == {tokens[0]}
+
+
+def test_postgres_a_row_committed_late_between_the_batches_in_flight_is_found(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    """The late row's position lies between the first and last of the two batches in flight
+    when the store looks: only a count of the rows below, not their lowest one, finds it."""
+    earlier = pg_write(pg_dsn, pg_schema, *["ann"] * (10 * PG_MOST_CONTINUATIONS + 5))
+    with psycopg.connect(pg_dsn) as late:
+        late_id = bind(order_topic(), persister(late, schema=pg_schema)).publish(
+            OrderPlaced(-1, "ann")
+        )
+        later = pg_write(pg_dsn, pg_schema, *["ann"] * 100)
+        looked_at = PG_MOST_CONTINUATIONS + 1  # the read-ahead of the batch that many in a row
+
+        def commit_late(read_ahead: int) -> None:
+            if read_ahead == looked_at:
+                late.commit()
+
+        published, tokens = drain_by_hand(clocked, 10, commit_late)
+    in_flight = published[10 * (looked_at - 2) : 10 * looked_at]  # the batches before it
+    assert int(in_flight[0]) < int(late_id) < int(in_flight[-1])
+    assert sorted(published, key=int) == sorted([*earlier, late_id, *later], key=int)
+    assert len(set(published)) == len(published)  # nothing twice
+    # let go at once: the late row leads the first batch read from the head again
+    assert published.index(late_id) == 10 * looked_at
+    assert len(set(tokens)) == 2
 
 
 class CountingAsyncStore(AsyncPostgresStore):

@@ -28,8 +28,11 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- A read-ahead (a batch still publishing asks for the next) also names the sequences it may
 -- continue (%(continue_topics)s, ..., with its lease tokens): when the free sequences cannot
 -- fill the batch, those leases are extended and renamed to this claim, so the read finds them
--- too. The fourth column says which leases were continued; the fifth is how many due messages
--- the claim counted in the free sequences it took.
+-- too. Now and then it also says how many of a sequence's rows are in flight
+-- (%(continue_in_flight)s): that lease is extended only if the sequence holds no other row up to
+-- the position it continues after, none committed late. The fourth column says which leases
+-- were continued; the fifth is how many due messages the claim counted in the free sequences
+-- it took.
 WITH RECURSIVE wanted (topic, after, place) AS (
     SELECT * FROM unnest(%(topics)s::text[], %(after)s::text[]) WITH ORDINALITY
 ),
@@ -173,10 +176,24 @@ continued AS (
     SET owner = %(claim)s,
         expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
     FROM unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
-                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[])
-         AS c (topic, ordering_key, token, after)
+                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[],
+                %(continue_in_flight)s::bigint[])
+         AS c (topic, ordering_key, token, after, in_flight)
     WHERE l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
       AND (SELECT max(total) FROM taking) < %(limit)s
+      AND (  -- now and then: nothing committed late below the batch's last position, where the
+             -- sequence holds only the in_flight rows of the batch and of the one before it
+             -- (counted on the sequence's index from its oldest end, one past them at most)
+          c.in_flight IS NULL OR c.in_flight = (
+              SELECT count(*) FROM (
+                  SELECT FROM {outbox} o
+                  WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
+                    AND o.position <= c.after
+                  ORDER BY o.position
+                  LIMIT c.in_flight + 1
+              ) AS below
+          )
+      )
       AND (  -- it has a due message after the batch's last one
           SELECT o.position FROM {outbox} o
           WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.position > c.after
