@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from outboxbind.errors import ConfigurationError, LeaseLost
 from outboxbind.messages import PersistedMessage
-from outboxbind.sql import numbered, quote_identifier
+from outboxbind.sql import array_literal, numbered, quote_identifier
 from outboxbind.store import (
     AsyncBufferedBatch,
     AsyncMessageBatch,
@@ -123,9 +123,11 @@ class _Statements:
         self._walk = MOST_SEQUENCES_WALKED
 
     def statement(self, name: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
-        """The relay's statement ``name`` and its parameters, for a raw cursor."""
+        """The relay's statement ``name`` and its parameters, for a raw cursor; a list goes as
+        one array literal, which the statement casts (psycopg would adapt it item by item)."""
         sql, names = self.numbered[name]
-        return sql, [params[parameter] for parameter in names]
+        values = [params[parameter] for parameter in names]
+        return sql, [array_literal(v) if isinstance(v, list) else v for v in values]
 
     def now(self) -> datetime | None:
         return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
