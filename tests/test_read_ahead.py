@@ -369,6 +369,53 @@ def test_postgres_a_read_ahead_whose_close_fails_leaves_no_lease_and_the_batch_b
     assert sorted(str(row[0]) for row in left) == sorted(set(ids) - {m.id for m in first.messages})
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["pool", "autocommit-pool"])
+def test_postgres_a_checkout_is_one_transaction_and_gives_the_connection_back_as_it_was(
+    pg_dsn: str, pg_schema: str, clock: FakeClock, autocommit: bool
+) -> None:
+    """The relay's statements begin and commit their own transaction, on a pool of autocommit
+    connections too: a read-ahead whose close fails leaves nothing of its claim behind. Each
+    connection goes back to the pool in its own mode, idle, after a failure as well."""
+    with ConnectionPool(
+        pg_dsn, min_size=1, max_size=1, kwargs={"autocommit": autocommit}, open=True
+    ) as pool:
+        store = PostgresStore(pool, schema=pg_schema, lease_duration=30, clock=clock)
+        store.migrate()
+        pg_write(pg_dsn, pg_schema, *[f"k{i:02}" for i in range(12) for _ in range(2)])
+        first = store.checkout_batch(["orders"], 4)
+        assert isinstance(first, ReadAheadBatch)
+        second = first.read_ahead(["orders"], 4, set())
+        assert isinstance(second, ReadAheadBatch)
+        for message in first.messages:
+            first.mark_published(message, "p")
+        close_params = store._s.close_params
+        store._s.close_params = lambda batch: {  # type: ignore[method-assign]
+            **close_params(batch),
+            "published": "{not a number}",  # fails on the server, after the claim
+        }
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            second.read_ahead(["orders"], 4, set(), first)
+        store._s.close_params = close_params  # type: ignore[method-assign]
+        with pool.connection() as conn:
+            assert conn.autocommit is autocommit
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with psycopg.connect(pg_dsn) as conn:
+            [(leased,)] = conn.execute(
+                f'SELECT count(*) FROM "{pg_schema}".outbox_leases'
+            ).fetchall()
+        assert leased == 8  # the two batches' four keys each: the failed claim left none
+        first.close()
+        second.close()
+        with pool.connection() as conn:
+            assert conn.autocommit is autocommit
+        with psycopg.connect(pg_dsn) as conn:
+            [(leased,)] = conn.execute(
+                f'SELECT count(*) FROM "{pg_schema}".outbox_leases'
+            ).fetchall()
+            [(left,)] = conn.execute(f'SELECT count(*) FROM "{pg_schema}".outbox').fetchall()
+        assert (leased, left) == (0, 20)
+
+
 def test_postgres_a_read_ahead_that_cannot_decode_its_rows_commits_nothing(
     pg_dsn: str, pg_schema: str, clocked: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -616,15 +663,18 @@ class CountingAsyncStore(AsyncPostgresStore):
         return await super()._checkout(topic_names, limit, parent, continuing, closing)
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["pool", "autocommit-pool"])
 def test_postgres_async_relay_reads_ahead_in_order_and_leaves_nothing_leased(
-    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore, autocommit: bool
 ) -> None:
     keys = ["ann"] * 150 + [f"k{i % 7}" for i in range(150)]
     ids = pg_write(pg_dsn, pg_schema, *keys)
     topic = TimedTopic(delay=0.002)
 
     async def main() -> int:
-        async with AsyncConnectionPool(pg_dsn, min_size=1, max_size=4) as pool:
+        async with AsyncConnectionPool(
+            pg_dsn, min_size=1, max_size=4, kwargs={"autocommit": autocommit}
+        ) as pool:
             store = CountingAsyncStore(pool, schema=pg_schema)
             relay = AsyncRelay(store, poll_interval=60.0)
             relay.register_topic(topic)
@@ -634,6 +684,8 @@ def test_postgres_async_relay_reads_ahead_in_order_and_leaves_nothing_leased(
                 await asyncio.sleep(0.005)
             assert await relay.stop(timeout=10)
             await task
+            async with pool.connection() as conn:  # given back in its own mode
+                assert conn.autocommit is autocommit
             return store.read_ahead
 
     assert asyncio.run(main()) >= 5

@@ -12,12 +12,14 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from outboxbind.errors import ConfigurationError, LeaseLost
@@ -67,7 +69,10 @@ MOST_SEQUENCES_WALKED = 16
 #: The statements the relay runs at every batch: executed through a raw cursor.
 RELAY_STATEMENTS = ("claim_sequences", "claimed_messages", "close_batch")
 
-#: Sent as a statement rather than by ``commit()``, which would wait for it on its own round trip.
+#: The relay's transactions are begun and ended by statements of their own pipeline: psycopg's
+#: implicit BEGIN (a connection without autocommit) waits for a round trip of its own there, and
+#: ``commit()`` would wait for another. See :func:`_explicit_transaction`.
+BEGIN = "BEGIN"
 COMMIT = "COMMIT"
 
 RELAY_TRANSACTION = (
@@ -352,6 +357,40 @@ class _Statements:
         return TopicBacklog(topic, int(pending), max(0.0, float(oldest_age)), int(dead))
 
 
+@contextmanager
+def _explicit_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Put ``conn`` in autocommit mode for the block, whose statements begin and commit their
+    own transaction (:data:`BEGIN`, :data:`COMMIT`); then give it back in its own mode, after
+    rolling back a transaction an error left open. In pipeline mode psycopg syncs after the
+    BEGIN it sends for a connection without autocommit: a round trip before the first statement
+    goes out. A pool of autocommit connections gets one transaction per batch all the same."""
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        status = conn.info.transaction_status
+        if status != TransactionStatus.UNKNOWN:  # else the connection is lost: the pool drops it
+            if status != TransactionStatus.IDLE:
+                conn.rollback()
+            conn.autocommit = autocommit
+
+
+@asynccontextmanager
+async def _async_explicit_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """:func:`_explicit_transaction` for an asyncio connection."""
+    autocommit = conn.autocommit
+    await conn.set_autocommit(True)
+    try:
+        yield
+    finally:
+        status = conn.info.transaction_status
+        if status != TransactionStatus.UNKNOWN:
+            if status != TransactionStatus.IDLE:
+                await conn.rollback()
+            await conn.set_autocommit(autocommit)
+
+
 class _Listener(WakeupThread):
     """A dedicated LISTEN connection (outside the pool) that wakes relays on commit.
 
@@ -530,8 +569,9 @@ class PostgresStore:
         closing = closing if closing is not None and not closing.closed else None
         params = self._s.checkout_params(topic_names, limit, parent, continuing, closing)
         found: _Found | None = None
-        with self.pool.connection() as conn:
+        with self.pool.connection() as conn, _explicit_transaction(conn):
             with conn.pipeline() as pipeline:
+                conn.execute(BEGIN)
                 conn.execute(RELAY_TRANSACTION, prepare=True)
                 claiming = psycopg.RawCursor(conn).execute(
                     *self._s.statement("claim_sequences", params), prepare=True
@@ -555,11 +595,10 @@ class PostgresStore:
             else:
                 held = ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
-            if found is not None and found.unreadable:
+            if found is not None and found.unreadable:  # one statement: committed on its own
                 conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
-                conn.commit()
         if found is None:
             return None
         if parent is None:
@@ -569,7 +608,8 @@ class PostgresStore:
         return PostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
-        with self.pool.connection() as conn, conn.pipeline():
+        with self.pool.connection() as conn, _explicit_transaction(conn), conn.pipeline():
+            conn.execute(BEGIN)
             conn.execute(RELAY_TRANSACTION, prepare=True)
             closing = psycopg.RawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
@@ -716,8 +756,9 @@ class AsyncPostgresStore:
         closing = closing if closing is not None and not closing.closed else None
         params = self._s.checkout_params(topic_names, limit, parent, continuing, closing)
         found: _Found | None = None
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, _async_explicit_transaction(conn):
             async with conn.pipeline() as pipeline:
+                await conn.execute(BEGIN)
                 await conn.execute(RELAY_TRANSACTION, prepare=True)
                 claiming = await psycopg.AsyncRawCursor(conn).execute(
                     *self._s.statement("claim_sequences", params), prepare=True
@@ -746,11 +787,10 @@ class AsyncPostgresStore:
             else:
                 held = await ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
-            if found is not None and found.unreadable:
+            if found is not None and found.unreadable:  # one statement: committed on its own
                 await conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
-                await conn.commit()
         if found is None:
             return None
         if parent is None:
@@ -760,7 +800,12 @@ class AsyncPostgresStore:
         return AsyncPostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
-        async with self.pool.connection() as conn, conn.pipeline():
+        async with (
+            self.pool.connection() as conn,
+            _async_explicit_transaction(conn),
+            conn.pipeline(),
+        ):
+            await conn.execute(BEGIN)
             await conn.execute(RELAY_TRANSACTION, prepare=True)
             closing = await psycopg.AsyncRawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
