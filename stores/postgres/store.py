@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -152,24 +153,22 @@ class _Statements:
         start = bisect.bisect_right(wanted, self._last_topic)  # just after the last one leased
         wanted = wanted[start:] + wanted[:start]
         going_on: list[tuple[SequenceKey, str, int, int | None]] = []
+        in_flight: Counter[SequenceKey] | None = None  # counted once, when a sequence needs it
         if parent is not None:
             for sequence in continuing:
                 token = parent.tokens.get(sequence)
                 after = parent.last_positions.get(sequence)
                 if token is None or after is None:
                     continue  # not this batch's, or none of its messages are in it
-                in_flight = None
-                if parent.continuations.get(sequence, 0) >= MOST_CONTINUATIONS:
-                    # look for a row committed late: up to ``after`` the sequence must hold
-                    # only the rows of this batch and of the one before, not yet deleted
-                    in_flight = sum(
-                        1
-                        for batch in (parent, closing)
-                        if batch is not None
-                        for message in batch.messages
-                        if message.sequence == sequence
-                    )
-                going_on.append((sequence, token, after, in_flight))
+                if parent.continuations.get(sequence, 0) < MOST_CONTINUATIONS:
+                    going_on.append((sequence, token, after, None))
+                    continue
+                # look for a row committed late: up to ``after`` the sequence must hold only
+                # the rows of this batch and of the one before it, not yet deleted
+                if in_flight is None:
+                    batches = [batch for batch in (parent, closing) if batch is not None]
+                    in_flight = Counter(m.sequence for b in batches for m in b.messages)
+                going_on.append((sequence, token, after, in_flight[sequence]))
         return {
             "topics": wanted,
             "after": [self._cursors.get(topic, "") for topic in wanted],
@@ -183,7 +182,7 @@ class _Statements:
             "continue_keys": [sequence[1] for sequence, _, _, _ in going_on],
             "continue_tokens": [int(token) for _, token, _, _ in going_on],
             "continue_after": [after for _, _, after, _ in going_on],
-            "continue_in_flight": [in_flight for _, _, _, in_flight in going_on],
+            "continue_in_flight": [count for _, _, _, count in going_on],
         }
 
     def continuations(
