@@ -281,6 +281,21 @@ def pg_write(dsn: str, schema: str, *keys: str) -> list[str]:
         return [publisher.publish(OrderPlaced(i, key)) for i, key in enumerate(keys)]
 
 
+def two_batches_in_flight(
+    store: PostgresStore, dsn: str, schema: str
+) -> tuple[PostgresBatch, PostgresBatch]:
+    """Two messages for each of twelve keys; a batch of four keys, one message each, checked
+    out and published, and the next batch of four others read ahead from it, still open."""
+    pg_write(dsn, schema, *[f"k{i:02}" for i in range(12) for _ in range(2)])
+    first = store.checkout_batch(["orders"], 4)
+    assert isinstance(first, PostgresBatch)
+    second = first.read_ahead(["orders"], 4, set())
+    assert isinstance(second, PostgresBatch)
+    for message in first.messages:
+        first.mark_published(message, "p")
+    return first, second
+
+
 def test_postgres_read_ahead_continues_the_sequence_under_the_same_lease(
     pg_dsn: str, pg_schema: str, clocked: PostgresStore, pg_pool: ConnectionPool[Any]
 ) -> None:
@@ -381,13 +396,7 @@ def test_postgres_a_checkout_is_one_transaction_and_gives_the_connection_back_as
     ) as pool:
         store = PostgresStore(pool, schema=pg_schema, lease_duration=30, clock=clock)
         store.migrate()
-        pg_write(pg_dsn, pg_schema, *[f"k{i:02}" for i in range(12) for _ in range(2)])
-        first = store.checkout_batch(["orders"], 4)
-        assert isinstance(first, ReadAheadBatch)
-        second = first.read_ahead(["orders"], 4, set())
-        assert isinstance(second, ReadAheadBatch)
-        for message in first.messages:
-            first.mark_published(message, "p")
+        first, second = two_batches_in_flight(store, pg_dsn, pg_schema)
         close_params = store._s.close_params
         store._s.close_params = lambda batch: {  # type: ignore[method-assign]
             **close_params(batch),
@@ -421,13 +430,7 @@ def test_postgres_a_read_ahead_that_cannot_decode_its_rows_commits_nothing(
 ) -> None:
     """The read-ahead's transaction commits only after its rows became a batch: if that fails,
     neither its claim nor its close of the batch before is kept."""
-    pg_write(pg_dsn, pg_schema, *[f"k{i:02}" for i in range(12) for _ in range(2)])
-    first = clocked.checkout_batch(["orders"], 4)
-    assert isinstance(first, ReadAheadBatch)
-    second = first.read_ahead(["orders"], 4, set())
-    assert isinstance(second, ReadAheadBatch)
-    for message in first.messages:
-        first.mark_published(message, "p")
+    first, second = two_batches_in_flight(clocked, pg_dsn, pg_schema)
 
     def undecodable(*_args: object) -> object:
         raise MemoryError("no room for the rows")
