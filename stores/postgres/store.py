@@ -72,7 +72,7 @@ RELAY_STATEMENTS = ("claim_sequences", "claimed_messages", "close_batch")
 
 #: The relay's transactions are begun and ended by statements of their own pipeline: psycopg's
 #: implicit BEGIN (a connection without autocommit) waits for a round trip of its own there, and
-#: ``commit()`` would wait for another. See :func:`_explicit_transaction`.
+#: ``commit()`` would wait for another. See :func:`_relay_pipeline`.
 BEGIN = "BEGIN"
 COMMIT = "COMMIT"
 
@@ -357,16 +357,21 @@ class _Statements:
 
 
 @contextmanager
-def _explicit_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """Put ``conn`` in autocommit mode for the block, whose statements begin and commit their
-    own transaction (:data:`BEGIN`, :data:`COMMIT`); then give it back in its own mode, after
-    rolling back a transaction an error left open. In pipeline mode psycopg syncs after the
-    BEGIN it sends for a connection without autocommit: a round trip before the first statement
-    goes out. A pool of autocommit connections gets one transaction per batch all the same."""
+def _relay_pipeline(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Pipeline]:
+    """A pipeline on ``conn`` whose first statements begin the relay's transaction (:data:`BEGIN`
+    and :data:`RELAY_TRANSACTION`); the block sends its statements and :data:`COMMIT`.
+
+    ``conn`` is in autocommit mode meanwhile, then given back in its own mode, after rolling
+    back a transaction an error left open. In pipeline mode psycopg syncs after the BEGIN it
+    sends for a connection without autocommit: a round trip before the first statement goes
+    out. A pool of autocommit connections gets one transaction per batch all the same."""
     autocommit = conn.autocommit
     conn.autocommit = True
     try:
-        yield
+        with conn.pipeline() as pipeline:
+            conn.execute(BEGIN)
+            conn.execute(RELAY_TRANSACTION, prepare=True)
+            yield pipeline
     finally:
         status = conn.info.transaction_status
         if status != TransactionStatus.UNKNOWN:  # else the connection is lost: the pool drops it
@@ -376,12 +381,17 @@ def _explicit_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
 
 
 @asynccontextmanager
-async def _async_explicit_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
-    """:func:`_explicit_transaction` for an asyncio connection."""
+async def _async_relay_pipeline(
+    conn: psycopg.AsyncConnection[Any],
+) -> AsyncIterator[psycopg.AsyncPipeline]:
+    """:func:`_relay_pipeline` for an asyncio connection."""
     autocommit = conn.autocommit
     await conn.set_autocommit(True)
     try:
-        yield
+        async with conn.pipeline() as pipeline:
+            await conn.execute(BEGIN)
+            await conn.execute(RELAY_TRANSACTION, prepare=True)
+            yield pipeline
     finally:
         status = conn.info.transaction_status
         if status != TransactionStatus.UNKNOWN:
@@ -568,10 +578,8 @@ class PostgresStore:
         closing = closing if closing is not None and not closing.closed else None
         params = self._s.checkout_params(topic_names, limit, parent, continuing, closing)
         found: _Found | None = None
-        with self.pool.connection() as conn, _explicit_transaction(conn):
-            with conn.pipeline() as pipeline:
-                conn.execute(BEGIN)
-                conn.execute(RELAY_TRANSACTION, prepare=True)
+        with self.pool.connection() as conn:
+            with _relay_pipeline(conn) as pipeline:
                 claiming = psycopg.RawCursor(conn).execute(
                     *self._s.statement("claim_sequences", params), prepare=True
                 )
@@ -594,10 +602,11 @@ class PostgresStore:
             else:
                 held = ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
-            if found is not None and found.unreadable:  # one statement: committed on its own
+            if found is not None and found.unreadable:
                 conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
+                conn.commit()
         if found is None:
             return None
         if parent is None:
@@ -607,9 +616,7 @@ class PostgresStore:
         return PostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
-        with self.pool.connection() as conn, _explicit_transaction(conn), conn.pipeline():
-            conn.execute(BEGIN)
-            conn.execute(RELAY_TRANSACTION, prepare=True)
+        with self.pool.connection() as conn, _relay_pipeline(conn):
             closing = psycopg.RawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
@@ -755,10 +762,8 @@ class AsyncPostgresStore:
         closing = closing if closing is not None and not closing.closed else None
         params = self._s.checkout_params(topic_names, limit, parent, continuing, closing)
         found: _Found | None = None
-        async with self.pool.connection() as conn, _async_explicit_transaction(conn):
-            async with conn.pipeline() as pipeline:
-                await conn.execute(BEGIN)
-                await conn.execute(RELAY_TRANSACTION, prepare=True)
+        async with self.pool.connection() as conn:
+            async with _async_relay_pipeline(conn) as pipeline:
                 claiming = await psycopg.AsyncRawCursor(conn).execute(
                     *self._s.statement("claim_sequences", params), prepare=True
                 )
@@ -786,10 +791,11 @@ class AsyncPostgresStore:
             else:
                 held = await ending.fetchall()
                 closing.close_within(lambda: self._s.check_held(closing, held))
-            if found is not None and found.unreadable:  # one statement: committed on its own
+            if found is not None and found.unreadable:
                 await conn.execute(
                     self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
+                await conn.commit()
         if found is None:
             return None
         if parent is None:
@@ -799,13 +805,7 @@ class AsyncPostgresStore:
         return AsyncPostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
-        async with (
-            self.pool.connection() as conn,
-            _async_explicit_transaction(conn),
-            conn.pipeline(),
-        ):
-            await conn.execute(BEGIN)
-            await conn.execute(RELAY_TRANSACTION, prepare=True)
+        async with self.pool.connection() as conn, _async_relay_pipeline(conn):
             closing = await psycopg.AsyncRawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
