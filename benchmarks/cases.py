@@ -175,6 +175,9 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
     Each side of each run gets an outbox of its own (so neither scans past the rows the other
     deleted), first drains a small backlog there (20 batches: connections open, statements
     prepared), then the measured one. The sides take turns going first.
+
+    The target is 0.8 of the raw drain; over ordered topics it is 0.5 of the unordered rate (the
+    benchmarks issue's target for ordering), taken as the raw drain's, which ignores order.
     """
 
     def case(quick: bool) -> Figure:
@@ -203,7 +206,7 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
         shape = f"{topics} ordered topic{'s' if topics > 1 else ''}" if keyed else f"{topics} topic"
         return Figure(
             f"drain PostgreSQL -> null, batch {batch}, {shape}", "raw drain", "msgs/s",
-            case_values, bound_values, higher_is_better=True, target=0.8,
+            case_values, bound_values, higher_is_better=True, target=0.5 if keyed else 0.8,
         )  # fmt: skip
 
     case.__name__ = f"drain_null_b{batch}_t{topics}{'_keyed' if keyed else ''}"
@@ -287,14 +290,17 @@ def _latencies_ms(quick: bool) -> list[float]:
 
 
 def latency_null(quick: bool) -> Figure:
-    """Commit -> publish latency p50 and p99 against the targets (2.5 ms, 10 ms)."""
-    p50s, p99s = [], []
+    """Commit -> publish latency p50 against the target (2.5 ms); p95 and p99 (target 10 ms) in
+    the case's name."""
+    p50s, p95s, p99s = [], [], []
     for _ in range(3):
         quantiles = statistics.quantiles(_latencies_ms(quick), n=100)
         p50s.append(quantiles[49])
+        p95s.append(quantiles[94])
         p99s.append(quantiles[98])
     return Figure(
-        f"commit -> publish latency p50 (p99: {statistics.median(p99s):.1f} ms), NOTIFY, null",
+        f"commit -> publish latency p50 (p95 {statistics.median(p95s):.1f} ms, "
+        f"p99 {statistics.median(p99s):.1f} ms), NOTIFY, null",
         "target p50 2.5 ms", "ms", p50s, [2.5] * len(p50s), higher_is_better=False, target=1.0,
     )  # fmt: skip
 
@@ -305,7 +311,9 @@ ALL: list[Case] = [
     drain_null(100, 1, keyed=False),
     drain_null(500, 1, keyed=False),
     drain_null(1000, 1, keyed=False),
+    drain_null(100, 10, keyed=True),
     drain_null(500, 10, keyed=True),
+    drain_null(1000, 10, keyed=True),
     drain_null_async,
     latency_null,
 ]

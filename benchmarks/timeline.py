@@ -1,9 +1,10 @@
 """Where the relay's time goes on its critical path: round by round, and message by message.
 
-    python -m benchmarks.timeline drain [--batch 500] [--messages 100000]
+    python -m benchmarks.timeline drain [--batch 500] [--messages 100000] [--topics 1]
     python -m benchmarks.timeline latency [--messages 200]
 
-``drain``: the relay drains PostgreSQL to a null topic (as in ``benchmarks.cases``); each round's
+``drain``: the relay drains PostgreSQL to null topics (as in ``benchmarks.cases``: one unkeyed
+topic, or with ``--topics`` that many ordered topics of one ordering key each); each round's
 next batch is read ahead while the round publishes, so the read-aheads, one after another, are
 the critical path. Prints the medians, from the start of a read-ahead, of when the claimed rows
 were in, when their decoding into messages began and ended and when it returned; how long
@@ -65,16 +66,19 @@ def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1e3:.3f} ms" if values else "-"
 
 
-def drain(batch: int, count: int) -> None:
-    """Drain ``count`` messages in batches of ``batch``; print the read-aheads' timeline."""
+def drain(batch: int, count: int, topics: int = 1) -> None:
+    """Drain ``count`` messages in batches of ``batch`` (over ``topics`` ordered topics, or one
+    unkeyed topic); print the read-aheads' timeline."""
     events: list[Event] = []
+    keys = 1 if topics > 1 else 0
+    sinks = [NullTopic(f"topic-{i}") for i in range(topics)]
     with (
         outbox(pool_size=4) as (pool, schema, store),
-        PollingRelay(store, [NullTopic("topic-0")], batch) as relay,
+        PollingRelay(store, sinks, batch) as relay,
     ):
-        fill_fast(pool, schema, 1, 20 * batch)
+        fill_fast(pool, schema, topics, 20 * batch, keys=keys)
         relay.drain(20 * batch)
-        fill_fast(pool, schema, 1, count)
+        fill_fast(pool, schema, topics, count, keys=keys)
         with ExitStack() as stack:
             stack.enter_context(timing(postgres.PostgresBatch, "read_ahead", events))
             stack.enter_context(timing(postgres._Statements, "found", events, "decode"))
@@ -141,10 +145,11 @@ def main() -> None:
     parser.add_argument("what", choices=("drain", "latency"))
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--messages", type=int, default=0, help="default 100000 / 200")
+    parser.add_argument("--topics", type=int, default=1, help="drain: ordered topics (1: unkeyed)")
     args = parser.parse_args()
     run: Callable[[], None]
     if args.what == "drain":
-        run = functools.partial(drain, args.batch, args.messages or 100_000)
+        run = functools.partial(drain, args.batch, args.messages or 100_000, args.topics)
     else:
         run = functools.partial(latency, args.messages or 200)
     run()
