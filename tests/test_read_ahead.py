@@ -239,6 +239,25 @@ def test_a_row_committed_late_with_an_earlier_id_waits_a_bounded_number_of_batch
     assert published_before_it <= (MOST_CONTINUATIONS + 2) * 10 <= 200
 
 
+def test_a_message_written_after_a_late_commit_never_goes_out_before_it() -> None:
+    """Guarantee 3 across a read-ahead chain (see the PostgreSQL test of the same name)."""
+    store = InMemoryStore()
+    topic = TimedTopic()
+    late = store.transaction()
+    bind(topic, late.__enter__()).publish(OrderPlaced(-1, "ann"))  # takes id 1
+    write(store, topic, *[OrderPlaced(i, "ann") for i in range(60)])
+
+    def commit_late_then_write(read_ahead: int) -> None:
+        if read_ahead == 2:
+            late.__exit__(None, None, None)
+            write(store, topic, OrderPlaced(60, "ann"))  # id 62
+
+    published, _ = drain_by_hand(store, 10, commit_late_then_write)
+    assert sorted(published, key=int) == [str(i) for i in range(1, 63)]
+    assert published.index("1") < published.index("62")
+    assert published[20] == "1"
+
+
 def test_async_relay_reads_ahead_and_cancelling_releases_both_batches() -> None:
     store = WatchedStore()
     topic = TimedTopic(delay=0.02)
@@ -578,7 +597,7 @@ def test_postgres_a_row_committed_late_is_published_within_a_bounded_number_of_b
 
 
 def drain_by_hand(
-    store: PostgresStore, limit: int, before_read_ahead: Any = None
+    store: PostgresStore | InMemoryStore, limit: int, before_read_ahead: Any = None
 ) -> tuple[list[str], list[str]]:
     """Publish the "ann" sequence the poll loop's way, batch after batch read ahead: each
     read-ahead closes the batch before it; when none comes back the open batches are closed and
@@ -588,7 +607,7 @@ def drain_by_hand(
     published: list[str] = []
     tokens: list[str] = []
     batch = store.checkout_batch(["orders"], limit)
-    previous: PostgresBatch | None = None
+    previous: PostgresBatch | InMemoryBatch | None = None
     read_aheads = 0
     while batch is not None:
         tokens.append(batch.tokens[("orders", "ann")])
@@ -647,6 +666,50 @@ def test_postgres_a_row_committed_late_between_the_batches_in_flight_is_found(
     # let go at once: the late row leads the first batch read from the head again
     assert published.index(late_id) == 10 * looked_at
     assert len(set(tokens)) == 2
+
+
+def test_postgres_a_message_written_after_a_late_commit_never_goes_out_before_it(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    """Guarantee 3 across a read-ahead chain: the late row's transaction commits, then a new
+    message of its key is written. The chain reads on after the open batch's last position,
+    past the late row's; the new message must still not be published before the late row,
+    however few batches the chain has run."""
+    with psycopg.connect(pg_dsn) as late:
+        late_id = bind(order_topic(), persister(late, schema=pg_schema)).publish(
+            OrderPlaced(-1, "ann")
+        )
+        earlier = pg_write(pg_dsn, pg_schema, *["ann"] * 60)
+        written_after: list[str] = []
+
+        def commit_late_then_write(read_ahead: int) -> None:
+            if read_ahead == 2:  # two batches read (by the head, then after it), the second open
+                late.commit()
+                written_after.extend(pg_write(pg_dsn, pg_schema, "ann"))
+
+        published, _ = drain_by_hand(clocked, 10, commit_late_then_write)
+    assert sorted(published, key=int) == sorted([late_id, *earlier, *written_after], key=int)
+    assert len(set(published)) == len(published)  # nothing twice
+    assert published.index(late_id) < published.index(written_after[0])
+    # found at the first read-ahead after its commit: what was in flight, then the late row
+    assert published[20] == late_id
+
+
+def test_postgres_a_commit_that_leaves_nothing_late_keeps_the_chain_going(
+    pg_dsn: str, pg_schema: str, clocked: PostgresStore
+) -> None:
+    """Other transactions commit while the chain runs (with a transaction id: they wrote):
+    a row of the sequence may have come late, so the store counts the rows below and, finding
+    only the batches' own, carries the sequence on."""
+    ids = pg_write(pg_dsn, pg_schema, *["ann"] * 100)
+
+    def another_transaction_commits(read_ahead: int) -> None:
+        with psycopg.connect(pg_dsn) as conn:
+            conn.execute("SELECT pg_current_xact_id()")  # takes a transaction id; commits
+
+    published, tokens = drain_by_hand(clocked, 10, another_transaction_commits)
+    assert published == ids
+    assert set(tokens) == {tokens[0]}  # one lease all along: no round without a read-ahead
 
 
 class CountingAsyncStore(AsyncPostgresStore):

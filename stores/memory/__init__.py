@@ -119,6 +119,7 @@ class InMemoryStore:
         self._sequences: dict[SequenceKey, list[_Row]] = {}
         self._leases: dict[SequenceKey, tuple[str, float]] = {}
         self._dead: dict[int, _Row] = {}
+        self._handed_out: set[int] = set()  # the ids of the messages of batches not closed
         self._cursor: SequenceKey | None = None
         self._channel = f"memory:{id(self)}"
 
@@ -197,7 +198,9 @@ class InMemoryStore:
                 else:
                     tokens[sequence] = secrets.token_hex(16)
                 self._leases[sequence] = (tokens[sequence], now + self.lease_duration)
-        messages = [row.message() for row in round_robin(taken, limit)]
+            handed = round_robin(taken, limit)
+            self._handed_out.update(row.id for row in handed)
+        messages = [row.message() for row in handed]
         last_ids = {(m.topic, m.ordering_key or ""): int(m.id) for m in messages}
         depth = {}
         if parent is not None:
@@ -226,9 +229,20 @@ class InMemoryStore:
                 continue
             if parent.continuations.get(sequence, 0) >= MOST_CONTINUATIONS:
                 continue  # let go, so that a row committed late with an earlier id is read
-            rows = [row for row in self._sequences.get(sequence, []) if row.id > last]
-            if self._due_prefix(rows, 1, self.clock()):  # only those with more to publish
-                after[sequence] = last
+            now = self.clock()
+            rows = self._sequences.get(sequence, [])
+            split = bisect.bisect_right(rows, last, key=lambda row: row.id)
+            if any(
+                row.id not in self._handed_out
+                and row.available_at is not None and row.available_at <= now
+                for row in rows[:split]
+            ):  # fmt: skip
+                # a row committed late (or a delayed one fallen due) below the batch's last
+                # message and not in flight: let go, so that it is read first, before any
+                # message written after it (guarantee 3), not at the end of the chain
+                continue
+            if self._due_prefix(rows[split:], 1, now):
+                after[sequence] = last  # only those with more to publish
         return after
 
     def _rotation(self, wanted: set[str]) -> Iterator[SequenceKey]:
@@ -256,6 +270,7 @@ class InMemoryStore:
         lost = []
         with self._lock:
             now = self.clock()
+            self._handed_out.difference_update(int(m.id) for m in batch.messages)
             for sequence, token in batch.tokens.items():
                 lease = self._leases.get(sequence)
                 if lease is None or lease[0] != token:

@@ -28,11 +28,11 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- A read-ahead (a batch still publishing asks for the next) also names the sequences it may
 -- continue (%(continue_topics)s, ..., with its lease tokens): when the free sequences cannot
 -- fill the batch, those leases are extended and renamed to this claim, so the read finds them
--- too. Now and then it also says how many of a sequence's rows are in flight
--- (%(continue_in_flight)s): that lease is extended only if the sequence holds no other row up to
--- the position it continues after, none committed late. The fourth column says which leases
--- were continued; the fifth is how many due messages the claim counted in the free sequences
--- it took.
+-- too (the read decides whether it may go on after the batch's last position). The fourth
+-- column says which leases were continued; the fifth is how many due messages the claim
+-- counted in the free sequences it took; the last two are this statement's snapshot and its
+-- transaction's id, with which the next read-ahead tells whether a row may have committed
+-- late below this batch.
 WITH RECURSIVE wanted (topic, after, place) AS (
     SELECT * FROM unnest(%(topics)s::text[], %(after)s::text[]) WITH ORDINALITY
 ),
@@ -176,24 +176,10 @@ continued AS (
     SET owner = %(claim)s,
         expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
     FROM unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
-                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[],
-                %(continue_in_flight)s::bigint[])
-         AS c (topic, ordering_key, token, after, in_flight)
+                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[])
+         AS c (topic, ordering_key, token, after)
     WHERE l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
       AND (SELECT max(total) FROM taking) < %(limit)s
-      AND (  -- now and then: nothing committed late below the batch's last position, where the
-             -- sequence holds only the in_flight rows of the batch and of the one before it
-             -- (counted on the sequence's index from its oldest end, one past them at most)
-          c.in_flight IS NULL OR c.in_flight = (
-              SELECT count(*) FROM (
-                  SELECT FROM {outbox} o
-                  WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
-                    AND o.position <= c.after
-                  ORDER BY o.position
-                  LIMIT c.in_flight + 1
-              ) AS below
-          )
-      )
       AND (  -- it has a due message after the batch's last one
           SELECT o.position FROM {outbox} o
           WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.position > c.after
@@ -207,25 +193,69 @@ continued AS (
       ) IS NOT NULL
     RETURNING l.topic, l.ordering_key, l.token
 )
-SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking) FROM taken_over
+SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking),
+       pg_current_snapshot()::text, pg_current_xact_id()::text
+FROM taken_over
 UNION ALL
-SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking) FROM fresh
+SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking),
+       pg_current_snapshot()::text, pg_current_xact_id()::text
+FROM fresh
 UNION ALL
-SELECT topic, ordering_key, token, true, NULL FROM continued
+SELECT topic, ordering_key, token, true, NULL, pg_current_snapshot()::text,
+       pg_current_xact_id()::text
+FROM continued
 
 -- name: claimed_messages
 -- The due messages of the sequences the claim just leased (found by its name, %(claim)s), in
 -- order: each sequence's even share of the batch, up to the first message that waits for a
--- retry. A continued sequence starts after the position its batch ended at (%(continue_after)s).
+-- retry. A continued sequence starts after the position its batch ended at (%(continue_after)s),
+-- unless a row of it may have committed late below that position: then its due rows up to
+-- there are counted first, on the sequence's index from its oldest end (one past the
+-- %(continue_in_flight)s rows of the two batches in flight at most). One more, and the sequence
+-- is left out: its lease ends with this batch, and a later claim reads it from its head, late
+-- row first, before any message written after that row committed (guarantee 3).
+-- A row can have committed late only if a transaction that was running when the batch's claim
+-- took its snapshot (%(previous_snapshot)s) has committed since; the batch's own transaction
+-- (%(previous_xid)s) and this one do not count. The rows are also counted when the store asks
+-- (%(continue_look)s: now and then, for a delayed message fallen due below the position).
 -- The caller interleaves the sequences and cuts at the batch size (at most one message short
 -- of a share per sequence too many is read).
-WITH claimed AS (
+WITH late (possible) AS (
+    SELECT EXISTS (
+        SELECT FROM (
+            SELECT pg_snapshot_xip(%(previous_snapshot)s::pg_snapshot)  -- running then
+            UNION ALL  -- and every transaction id taken since
+            SELECT n::text::xid8 FROM generate_series(
+                pg_snapshot_xmax(%(previous_snapshot)s::pg_snapshot)::text::bigint,
+                pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 1
+            ) AS n
+        ) AS since (xid)
+        WHERE since.xid <> %(previous_xid)s::xid8
+          AND since.xid IS DISTINCT FROM pg_current_xact_id_if_assigned()
+          AND pg_visible_in_snapshot(since.xid, pg_current_snapshot())  -- it has ended
+    )
+),
+claimed AS (
     SELECT l.topic, l.ordering_key, coalesce(a.position, -9223372036854775808) AS after
     FROM {leases} l
     LEFT JOIN unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
-                     %(continue_after)s::bigint[]) AS a (topic, ordering_key, position)
+                     %(continue_after)s::bigint[], %(continue_in_flight)s::bigint[],
+                     %(continue_look)s::boolean[])
+           AS a (topic, ordering_key, position, in_flight, look)
       ON a.topic = l.topic AND a.ordering_key = l.ordering_key
     WHERE l.owner = %(claim)s
+      AND (a.position IS NULL  -- a sequence read from its head
+           OR NOT (a.look OR (SELECT possible FROM late))
+           OR a.in_flight = (
+               SELECT count(*) FROM (
+                   SELECT FROM {outbox} o
+                   WHERE o.topic = a.topic AND o.ordering_key = a.ordering_key
+                     AND o.position <= a.position
+                     AND o.available_at <= coalesce(%(now)s::timestamptz, now())
+                   ORDER BY o.position
+                   LIMIT a.in_flight + 1
+               ) AS below
+           ))
 ),
 share (n) AS (
     SELECT ceil(%(limit)s::float8 / greatest(count(*), 1))::bigint FROM claimed

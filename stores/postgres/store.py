@@ -55,12 +55,12 @@ log = logging.getLogger("outboxbind.stores.postgres")
 #: - their statements always have the same shape, so each is prepared at its first use on a
 #:   connection (``prepare=True``, not after psycopg's default five uses) and planned once (a
 #:   generic plan) rather than at every execution.
-#: How many batches in a row a read-ahead continues a sequence after its batch's last position
-#: before it looks below that position for a row committed late (guarantee 4): the claim counts
-#: the sequence's rows up to it, which are the batches' own unless one came late. If one did,
-#: the sequence is let go for one round and read again from its head, so a row committed late
-#: waits at most about this many batches; if none did, it is continued (letting go costs a
-#: round with nothing read ahead, about a tenth of a drain's rate at this count).
+#: A read-ahead continues a sequence after its batch's last position only while no row of it
+#: can have been committed late below that position: the read counts the sequence's due rows up
+#: to it, which must be the two batches' own, whenever a transaction that was running at the
+#: batch's claim has committed since (the late row's, perhaps), and otherwise every this many
+#: batches in a row (for a delayed message fallen due there). If one more is found, the
+#: sequence is let go and read again from its head, the late row first (guarantees 3 and 4).
 MOST_CONTINUATIONS = 16
 
 #: How many free sequences a claim looks at, at least: enough for the four a batch spans when
@@ -83,16 +83,28 @@ RELAY_TRANSACTION = (
 
 
 @attrs.frozen
+class _Claim:
+    """The snapshot a claim ran in and its transaction's id: the batch read ahead of the
+    claim's batch asks which transactions have committed since, to know whether a row can have
+    been committed late below the batch's last positions."""
+
+    snapshot: str
+    xid: str
+
+
+@attrs.frozen
 class _Found:
     """What a claim and its read found: the batch's messages, the leases (sequence -> token),
     which of them were carried on from the batch that read ahead, the position of each
-    sequence's last message, and the rows that cannot be read as messages (id -> why)."""
+    sequence's last message, the rows that cannot be read as messages (id -> why), and the
+    claim's snapshot."""
 
     messages: list[PersistedMessage]
     tokens: dict[SequenceKey, str]
     continued: set[SequenceKey]
     last_positions: dict[SequenceKey, int]
     unreadable: dict[int, str]
+    claim: _Claim
 
 
 class _Statements:
@@ -152,23 +164,21 @@ class _Statements:
         wanted = sorted(set(topics))
         start = bisect.bisect_right(wanted, self._last_topic)  # just after the last one leased
         wanted = wanted[start:] + wanted[:start]
-        going_on: list[tuple[SequenceKey, str, int, int | None]] = []
-        in_flight: Counter[SequenceKey] | None = None  # counted once, when a sequence needs it
+        going_on: list[tuple[SequenceKey, str, int]] = []
+        in_flight: Counter[SequenceKey] = Counter()
         if parent is not None:
             for sequence in continuing:
                 token = parent.tokens.get(sequence)
                 after = parent.last_positions.get(sequence)
-                if token is None or after is None:
-                    continue  # not this batch's, or none of its messages are in it
-                if parent.continuations.get(sequence, 0) < MOST_CONTINUATIONS:
-                    going_on.append((sequence, token, after, None))
-                    continue
-                # look for a row committed late: up to ``after`` the sequence must hold only
-                # the rows of this batch and of the one before it, not yet deleted
-                if in_flight is None:
-                    batches = [batch for batch in (parent, closing) if batch is not None]
-                    in_flight = Counter(m.sequence for b in batches for m in b.messages)
-                going_on.append((sequence, token, after, in_flight[sequence]))
+                if token is not None and after is not None:  # this batch's, with messages
+                    going_on.append((sequence, token, after))
+            if going_on:
+                # should the read look for a row committed late: up to ``after`` the sequence
+                # must hold only the rows of this batch and of the one before it, not yet
+                # deleted (counted once for all)
+                batches = [batch for batch in (parent, closing) if batch is not None]
+                in_flight = Counter(m.sequence for b in batches for m in b.messages)
+        claim = parent.claim if parent is not None and going_on else None
         return {
             "topics": wanted,
             "after": [self._cursors.get(topic, "") for topic in wanted],
@@ -178,18 +188,24 @@ class _Statements:
             "claim": f"{self.owner} #{next(self._claims)}",  # the name of this claim's leases
             "lease_seconds": self.lease_duration,
             "now": self.now(),
-            "continue_topics": [sequence[0] for sequence, _, _, _ in going_on],
-            "continue_keys": [sequence[1] for sequence, _, _, _ in going_on],
-            "continue_tokens": [int(token) for _, token, _, _ in going_on],
-            "continue_after": [after for _, _, after, _ in going_on],
-            "continue_in_flight": [count for _, _, _, count in going_on],
+            "continue_topics": [sequence[0] for sequence, _, _ in going_on],
+            "continue_keys": [sequence[1] for sequence, _, _ in going_on],
+            "continue_tokens": [int(token) for _, token, _ in going_on],
+            "continue_after": [after for _, _, after in going_on],
+            "continue_in_flight": [in_flight[sequence] for sequence, _, _ in going_on],
+            "continue_look": [
+                parent is not None and parent.continuations.get(sequence, 0) >= MOST_CONTINUATIONS
+                for sequence, _, _ in going_on
+            ],
+            "previous_snapshot": None if claim is None else claim.snapshot,
+            "previous_xid": None if claim is None else claim.xid,
         }
 
     def continuations(
         self, parent: PostgresBatch | AsyncPostgresBatch, continued: set[SequenceKey]
     ) -> dict[SequenceKey, int]:
-        """Per sequence continued from ``parent``, the batches in a row since it was looked at
-        for rows committed late (a sequence continued at :data:`MOST_CONTINUATIONS` had none)."""
+        """Per sequence continued from ``parent``, the batches in a row since it was surely
+        looked at for rows committed late (one continued at :data:`MOST_CONTINUATIONS` was)."""
         done = parent.continuations
         return {s: 1 if done.get(s, 0) >= MOST_CONTINUATIONS else done.get(s, 0) + 1
                 for s in continued}  # fmt: skip
@@ -203,7 +219,7 @@ class _Statements:
         continued: set[SequenceKey] = set()
         furthest: dict[str, str] = {}
         counted = 0
-        for topic, key, token, was_continued, total in rows:
+        for topic, key, token, was_continued, total, _, _ in rows:
             tokens[(topic, key)] = str(token)
             if was_continued:
                 continued.add((topic, key))
@@ -233,7 +249,26 @@ class _Statements:
             return None
         tokens, continued = self.claimed(claims, params)
         messages, unreadable, last_positions = self.batch_messages(rows, limit)
-        return _Found(messages, tokens, continued, last_positions, unreadable)
+        claim = _Claim(snapshot=claims[0][5], xid=claims[0][6])
+        return _Found(messages, tokens, continued, last_positions, unreadable, claim)
+
+    def batch_from(
+        self,
+        found: _Found | None,
+        parent: PostgresBatch | AsyncPostgresBatch | None,
+    ) -> tuple[_Found, dict[SequenceKey, int]] | None:
+        """Whether a checkout gives a batch, and how deep each continued sequence is in its
+        chain. A read-ahead whose read found nothing gives none, when it holds only the
+        sequences it continued (the read left them out, for a row committed late): their
+        leases end with ``parent``, as if not continued, and the relay checks out afresh."""
+        if found is None:
+            return None
+        if parent is None:
+            return found, {}
+        if not found.messages and found.tokens.keys() <= found.continued:
+            return None
+        parent.passed_on = found.continued
+        return found, self.continuations(parent, found.continued)
 
     def batch_messages(
         self, rows: Sequence[tuple[Any, ...]], limit: int
@@ -462,6 +497,7 @@ class PostgresBatch(BufferedBatch):
         store: PostgresStore,
         last_positions: dict[SequenceKey, int],
         continuations: dict[SequenceKey, int],
+        claim: _Claim,
     ) -> None:
         super().__init__(messages, tokens, store._close_batch)
         self._store = store
@@ -469,6 +505,8 @@ class PostgresBatch(BufferedBatch):
         self.last_positions = last_positions
         #: per sequence continued from the batch before, how many batches in a row it has been
         self.continuations = continuations
+        #: the claim's snapshot and transaction, for the batch read ahead of this one
+        self.claim = claim
 
     def read_ahead(
         self,
@@ -479,10 +517,10 @@ class PostgresBatch(BufferedBatch):
     ) -> PostgresBatch | None:
         """Check out the next batch while this one publishes; see
         :meth:`outboxbind.store.ReadAheadBatch.read_ahead`. The sequences of ``continuing``
-        are carried on only when the sequences nobody holds cannot fill the batch; every
-        :data:`MOST_CONTINUATIONS` batches in a row, only if no row was committed late below
-        this batch's last message. ``closing``, a batch of the same store, is closed in the
-        claim's transaction, once the rows are read."""
+        are carried on only when the sequences nobody holds cannot fill the batch, and only
+        while no row of theirs can have been committed late below this batch's last message
+        (see :data:`MOST_CONTINUATIONS`). ``closing``, a batch of the same store, is closed in
+        the claim's transaction, once the rows are read."""
         if self.closed:
             raise RuntimeError("this batch is closed")
         previous = closing if isinstance(closing, PostgresBatch) else None
@@ -607,13 +645,12 @@ class PostgresStore:
                     self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
                 conn.commit()
-        if found is None:
+        if (batch := self._s.batch_from(found, parent)) is None:
             return None
-        if parent is None:
-            return PostgresBatch(found.messages, found.tokens, self, found.last_positions, {})
-        parent.passed_on = found.continued
-        depth = self._s.continuations(parent, found.continued)
-        return PostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
+        found, depth = batch
+        return PostgresBatch(
+            found.messages, found.tokens, self, found.last_positions, depth, found.claim
+        )
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, _relay_pipeline(conn):
@@ -664,11 +701,13 @@ class AsyncPostgresBatch(AsyncBufferedBatch):
         store: AsyncPostgresStore,
         last_positions: dict[SequenceKey, int],
         continuations: dict[SequenceKey, int],
+        claim: _Claim,
     ) -> None:
         super().__init__(messages, tokens, store._close_batch)
         self._store = store
         self.last_positions = last_positions
         self.continuations = continuations
+        self.claim = claim
 
     async def read_ahead(
         self,
@@ -796,13 +835,12 @@ class AsyncPostgresStore:
                     self._s.sql["park_unreadable"], self._s.unreadable_params(found.unreadable)
                 )
                 await conn.commit()
-        if found is None:
+        if (batch := self._s.batch_from(found, parent)) is None:
             return None
-        if parent is None:
-            return AsyncPostgresBatch(found.messages, found.tokens, self, found.last_positions, {})
-        parent.passed_on = found.continued
-        depth = self._s.continuations(parent, found.continued)
-        return AsyncPostgresBatch(found.messages, found.tokens, self, found.last_positions, depth)
+        found, depth = batch
+        return AsyncPostgresBatch(
+            found.messages, found.tokens, self, found.last_positions, depth, found.claim
+        )
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, _async_relay_pipeline(conn):
