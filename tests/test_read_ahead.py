@@ -5,7 +5,8 @@ with its own. These tests hold it to what the store contract says: the next batc
 sequence only after this batch's last message of it, under the same lease; a sequence that did
 not finish in this batch is held back in the next and not carried further; nothing is lost or
 reordered when the relay stops, is cancelled, or its lease is taken over; a row committed late
-with an earlier id still goes out within a bounded number of batches (guarantee 4).
+with an earlier id still goes out (guarantee 4), before any message written after its commit
+(guarantee 3).
 The in-memory store shows the relay's side; PostgreSQL shows the real store's.
 """
 
