@@ -96,13 +96,14 @@ class _Claim:
 class _Found:
     """What a claim and its read found: the batch's messages, the leases (sequence -> token),
     which of them were carried on from the batch that read ahead, the position of each
-    sequence's last message, the rows that cannot be read as messages (id -> why), and the
-    claim's snapshot."""
+    sequence's last message and how many messages each has in the batch, the rows that cannot
+    be read as messages (id -> why), and the claim's snapshot."""
 
     messages: list[PersistedMessage]
     tokens: dict[SequenceKey, str]
     continued: set[SequenceKey]
     last_positions: dict[SequenceKey, int]
+    sizes: dict[SequenceKey, int]
     unreadable: dict[int, str]
     claim: _Claim
 
@@ -156,7 +157,7 @@ class _Statements:
         limit: int,
         parent: PostgresBatch | AsyncPostgresBatch | None = None,
         continuing: Collection[SequenceKey] = (),
-        closing: BufferedBatch | AsyncBufferedBatch | None = None,
+        closing: PostgresBatch | AsyncPostgresBatch | None = None,
     ) -> dict[str, Any]:
         """The parameters of the claim and of the read that follows it in the same round trip;
         for a read-ahead, also the ``parent`` batch's sequences it may continue (``closing``,
@@ -172,12 +173,11 @@ class _Statements:
                 after = parent.last_positions.get(sequence)
                 if token is not None and after is not None:  # this batch's, with messages
                     going_on.append((sequence, token, after))
-            if going_on:
-                # should the read look for a row committed late: up to ``after`` the sequence
-                # must hold only the rows of this batch and of the one before it, not yet
-                # deleted (counted once for all)
-                batches = [batch for batch in (parent, closing) if batch is not None]
-                in_flight = Counter(m.sequence for b in batches for m in b.messages)
+            # should the read look for a row committed late: up to ``after`` the sequence must
+            # hold only the rows of this batch and of the one before it, not yet deleted
+            in_flight.update(parent.sizes)
+            if closing is not None:
+                in_flight.update(closing.sizes)
         claim = parent.claim if parent is not None and going_on else None
         return {
             "topics": wanted,
@@ -248,9 +248,9 @@ class _Statements:
         if not claims:
             return None
         tokens, continued = self.claimed(claims, params)
-        messages, unreadable, last_positions = self.batch_messages(rows, limit)
+        messages, unreadable, last_positions, sizes = self.batch_messages(rows, limit)
         claim = _Claim(snapshot=claims[0][5], xid=claims[0][6])
-        return _Found(messages, tokens, continued, last_positions, unreadable, claim)
+        return _Found(messages, tokens, continued, last_positions, sizes, unreadable, claim)
 
     def batch_from(
         self,
@@ -272,9 +272,11 @@ class _Statements:
 
     def batch_messages(
         self, rows: Sequence[tuple[Any, ...]], limit: int
-    ) -> tuple[list[PersistedMessage], dict[int, str], dict[SequenceKey, int]]:
-        """The batch's messages, the rows that cannot be read as messages (with why), and the
-        position of each sequence's last message in the batch.
+    ) -> tuple[
+        list[PersistedMessage], dict[int, str], dict[SequenceKey, int], dict[SequenceKey, int]
+    ]:
+        """The batch's messages, the rows that cannot be read as messages (with why), the
+        position of each sequence's last message in the batch, and how many it has there.
 
         The rows come sequence after sequence, each in order. A sequence is cut at an unreadable
         row: the rows after it wait for the next batch, after the unreadable one has been parked.
@@ -317,8 +319,9 @@ class _Statements:
         else:
             for message in batch:
                 taken[(message.topic, message.ordering_key or "")] += 1
-        last_positions = {s: positions[s][n - 1] for s, n in taken.items() if n}
-        return batch, unreadable, last_positions
+        sizes = {s: n for s, n in taken.items() if n}
+        last_positions = {s: positions[s][n - 1] for s, n in sizes.items()}
+        return batch, unreadable, last_positions, sizes
 
     def unreadable_params(self, unreadable: dict[int, str]) -> dict[str, Any]:
         for reason in unreadable.values():
@@ -491,22 +494,18 @@ class PostgresBatch(BufferedBatch):
     """
 
     def __init__(
-        self,
-        messages: list[PersistedMessage],
-        tokens: dict[SequenceKey, str],
-        store: PostgresStore,
-        last_positions: dict[SequenceKey, int],
-        continuations: dict[SequenceKey, int],
-        claim: _Claim,
+        self, found: _Found, store: PostgresStore, continuations: dict[SequenceKey, int]
     ) -> None:
-        super().__init__(messages, tokens, store._close_batch)
+        super().__init__(found.messages, found.tokens, store._close_batch)
         self._store = store
         #: per sequence, the position of its last message in this batch
-        self.last_positions = last_positions
+        self.last_positions = found.last_positions
+        #: per sequence, how many of its messages this batch holds
+        self.sizes = found.sizes
         #: per sequence continued from the batch before, how many batches in a row it has been
         self.continuations = continuations
         #: the claim's snapshot and transaction, for the batch read ahead of this one
-        self.claim = claim
+        self.claim = found.claim
 
     def read_ahead(
         self,
@@ -648,9 +647,7 @@ class PostgresStore:
         if (batch := self._s.batch_from(found, parent)) is None:
             return None
         found, depth = batch
-        return PostgresBatch(
-            found.messages, found.tokens, self, found.last_positions, depth, found.claim
-        )
+        return PostgresBatch(found, self, depth)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         with self.pool.connection() as conn, _relay_pipeline(conn):
@@ -695,19 +692,14 @@ class AsyncPostgresBatch(AsyncBufferedBatch):
     """
 
     def __init__(
-        self,
-        messages: list[PersistedMessage],
-        tokens: dict[SequenceKey, str],
-        store: AsyncPostgresStore,
-        last_positions: dict[SequenceKey, int],
-        continuations: dict[SequenceKey, int],
-        claim: _Claim,
+        self, found: _Found, store: AsyncPostgresStore, continuations: dict[SequenceKey, int]
     ) -> None:
-        super().__init__(messages, tokens, store._close_batch)
+        super().__init__(found.messages, found.tokens, store._close_batch)
         self._store = store
-        self.last_positions = last_positions
+        self.last_positions = found.last_positions
+        self.sizes = found.sizes
         self.continuations = continuations
-        self.claim = claim
+        self.claim = found.claim
 
     async def read_ahead(
         self,
@@ -838,9 +830,7 @@ class AsyncPostgresStore:
         if (batch := self._s.batch_from(found, parent)) is None:
             return None
         found, depth = batch
-        return AsyncPostgresBatch(
-            found.messages, found.tokens, self, found.last_positions, depth, found.claim
-        )
+        return AsyncPostgresBatch(found, self, depth)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
         async with self.pool.connection() as conn, _async_relay_pipeline(conn):
