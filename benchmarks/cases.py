@@ -31,6 +31,7 @@ from benchmarks.common import (
     commit_to_publish_ms,
     fill_fast,
     outbox,
+    relay_over_backlog,
     taking_turns,
     timed,
 )
@@ -169,20 +170,6 @@ def _raw_drain(pool: Any, schema: str, batch: int) -> int:
             drained += len(rows)
 
 
-def _relay_drain_rate(batch: int, count: int, topics: int, keys: int) -> float:
-    """The relay's rate draining ``count`` messages over ``topics`` null topics (each with
-    ``keys`` ordering keys, or unkeyed), in an outbox of its own, after a warm-up there."""
-    sinks = [NullTopic(f"topic-{i}") for i in range(topics)]
-    with (
-        outbox(pool_size=4) as (pool, schema, store),
-        PollingRelay(store, sinks, batch) as relay,
-    ):
-        fill_fast(pool, schema, topics, 20 * batch, keys=keys)
-        relay.drain(20 * batch)
-        fill_fast(pool, schema, topics, count, keys=keys)
-        return relay.drain(count)
-
-
 def drain_null(batch: int, topics: int, keyed: bool) -> Case:
     """The relay draining PostgreSQL to null topics.
 
@@ -208,10 +195,12 @@ def drain_null(batch: int, topics: int, keyed: bool) -> Case:
                 return timed(lambda: _raw_drain(pool, schema, batch))
 
         def unordered() -> float:
-            return _relay_drain_rate(batch, count, 1, 0)
+            with relay_over_backlog(batch, count) as relay:
+                return relay.drain(count)
 
         def relay() -> float:
-            return _relay_drain_rate(batch, count, topics, 1 if keyed else 0)
+            with relay_over_backlog(batch, count, topics, 1 if keyed else 0) as relay:
+                return relay.drain(count)
 
         if keyed:
             case_values, bound_values = taking_turns(unordered, relay, runs)

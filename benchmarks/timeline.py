@@ -32,7 +32,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.common import NullTopic, PollingRelay, commit_to_publish_ms, fill_fast, outbox
+from benchmarks.common import NullTopic, commit_to_publish_ms, relay_over_backlog
 from outboxbind.stores.postgres import store as postgres
 from outboxbind.wakeup import WakeupThread
 
@@ -71,20 +71,12 @@ def drain(batch: int, count: int, topics: int = 1) -> None:
     unkeyed topic); print the read-aheads' timeline."""
     events: list[Event] = []
     keys = 1 if topics > 1 else 0
-    sinks = [NullTopic(f"topic-{i}") for i in range(topics)]
-    with (
-        outbox(pool_size=4) as (pool, schema, store),
-        PollingRelay(store, sinks, batch) as relay,
-    ):
-        fill_fast(pool, schema, topics, 20 * batch, keys=keys)
-        relay.drain(20 * batch)
-        fill_fast(pool, schema, topics, count, keys=keys)
-        with ExitStack() as stack:
-            stack.enter_context(timing(postgres.PostgresBatch, "read_ahead", events))
-            stack.enter_context(timing(postgres._Statements, "found", events, "decode"))
-            stack.enter_context(timing(psycopg.Pipeline, "sync", events))
-            stack.enter_context(timing(psycopg.RawCursor, "fetchall", events))
-            rate = relay.drain(count)
+    with relay_over_backlog(batch, count, topics, keys) as relay, ExitStack() as stack:
+        stack.enter_context(timing(postgres.PostgresBatch, "read_ahead", events))
+        stack.enter_context(timing(postgres._Statements, "found", events, "decode"))
+        stack.enter_context(timing(psycopg.Pipeline, "sync", events))
+        stack.enter_context(timing(psycopg.RawCursor, "fetchall", events))
+        rate = relay.drain(count)
     reads = [(start, end) for what, start, end in events if what == "read_ahead"]
     inside: dict[str, list[float]] = {"rows in": [], "decode start": [], "decode end": []}
     for start, end in reads:
