@@ -193,17 +193,14 @@ continued AS (
       ) IS NOT NULL
     RETURNING l.topic, l.ordering_key, l.token
 )
-SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking),
-       pg_current_snapshot()::text, pg_current_xact_id()::text
-FROM taken_over
-UNION ALL
-SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking),
-       pg_current_snapshot()::text, pg_current_xact_id()::text
-FROM fresh
-UNION ALL
-SELECT topic, ordering_key, token, true, NULL, pg_current_snapshot()::text,
-       pg_current_xact_id()::text
-FROM continued
+SELECT leased.*, pg_current_snapshot()::text, pg_current_xact_id()::text
+FROM (
+    SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking) FROM taken_over
+    UNION ALL
+    SELECT topic, ordering_key, token, false, (SELECT max(total) FROM taking) FROM fresh
+    UNION ALL
+    SELECT topic, ordering_key, token, true, NULL FROM continued
+) AS leased
 
 -- name: claimed_messages
 -- The due messages of the sequences the claim just leased (found by its name, %(claim)s), in
