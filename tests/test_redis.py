@@ -60,7 +60,7 @@ class Wakeups:
     """A Pub/Sub subscriber of the outbox's wake-up channel."""
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(wakeup_channel(prefix))
 
     def received(self, wait: float) -> int:
