@@ -497,6 +497,164 @@ def test_strict_sequence_g5_writers_of_the_same_keys_in_opposite_orders_never_de
     assert len(topic.published) == 2 * 2 * rounds
 
 
+def write_strict_while_a_commit_is_pending(
+    dsn: str,
+    a_outboxes: list[tuple[str, str, int]],
+    b_outbox: tuple[str, str],
+    before_a_writes: Callable[[psycopg.Connection[Any], int], None],
+) -> list[str]:
+    """Writer A publishes strict events to ``a_outboxes`` ((schema, table, account) each, in that
+    order), calling ``before_a_writes(conn, i)`` before the i-th, and leaves its transaction open.
+    Writer B then publishes account 2 to ``b_outbox`` and commits in a thread, while A waits up
+    to a second for B either to commit or to wait on A's lock; then A commits. Returns the
+    writers in commit order, the order guarantee 5 says the relay must follow.
+    """
+    b_schema, b_table = b_outbox
+    topic = account_topic(strict_sequence=True)
+    committed: list[str] = []
+    with psycopg.connect(dsn) as conn_a, psycopg.connect(dsn, autocommit=True) as observer:
+        for i, (schema, table, account) in enumerate(a_outboxes):
+            before_a_writes(conn_a, i)
+            bound = bind(topic, persister(conn_a, schema=schema, table=table))
+            bound.publish(AccountChanged(account, "A"))
+
+        b_started = threading.Event()
+        b_pid: list[int] = []
+
+        def writer_b() -> None:
+            with psycopg.connect(dsn) as conn_b:
+                b_pid.append(conn_b.info.backend_pid)
+                bind(topic, persister(conn_b, schema=b_schema, table=b_table)).publish(
+                    AccountChanged(2, "B")
+                )
+                b_started.set()
+                conn_b.commit()
+                committed.append("B")
+
+        worker = Worker(writer_b, "writer-B")
+        assert b_started.wait(5)
+        b_waits = False
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not committed and not b_waits:
+            b_waits = conn_a.info.backend_pid in blocking_pids(observer, b_pid[0])
+            time.sleep(0.01)
+        b_first = bool(committed)  # B's commit completed while A's transaction was open
+        assert b_first or b_waits, "B neither committed nor waited for A within 1 s"
+        conn_a.commit()
+        worker.join(10)
+    return ["B", "A"] if b_first else ["A", "B"]
+
+
+def test_strict_sequence_g5_keys_written_after_set_constraints_immediate_are_locked(
+    pg_dsn: str, pg_schema: str, pg_store: PostgresStore
+) -> None:
+    """A runs SET CONSTRAINTS ALL IMMEDIATE, writes acct-1 then acct-2 and stays open; B writes
+    acct-2 and commits. B must wait for A, and acct-2 go out in commit order."""
+
+    def immediate(conn: psycopg.Connection[Any], i: int) -> None:
+        if i == 0:
+            conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+    commit_order = write_strict_while_a_commit_is_pending(
+        pg_dsn,
+        [(pg_schema, "outbox", 1), (pg_schema, "outbox", 2)],
+        (pg_schema, "outbox"),
+        immediate,
+    )
+    topic = account_topic(strict_sequence=True)
+    drain(relay_for(pg_store, topic))
+    assert per_account(topic)[2] == commit_order
+
+
+def test_strict_sequence_g5_keys_written_after_constraints_went_immediate_and_back_are_locked(
+    pg_dsn: str, pg_schema: str, pg_store: PostgresStore
+) -> None:
+    """Django's ``check_constraints()`` runs SET CONSTRAINTS ALL IMMEDIATE then DEFERRED, which
+    fires the outbox trigger of the rows written so far. A writes acct-1, checks constraints,
+    writes acct-2 and commits; an application trigger of its own makes the commit take a while
+    after acct-2's position was drawn. B writes acct-2 and commits meanwhile: it must wait for A
+    to commit, and acct-2 go out in commit order."""
+    s = pg_schema
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{s}".audit (id integer)')
+        conn.execute(
+            f'CREATE FUNCTION "{s}".slow_audit() RETURNS trigger LANGUAGE plpgsql'
+            " AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$"
+        )
+        conn.execute(
+            f'CREATE CONSTRAINT TRIGGER slow_audit AFTER INSERT ON "{s}".audit'
+            f' DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "{s}".slow_audit()'
+        )
+    topic = account_topic(strict_sequence=True)
+    done: list[str] = []
+    with psycopg.connect(pg_dsn) as conn_a, psycopg.connect(pg_dsn, autocommit=True) as observer:
+        bind(topic, persister(conn_a, schema=s)).publish(AccountChanged(1, "A"))
+        conn_a.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        conn_a.execute("SET CONSTRAINTS ALL DEFERRED")
+        bind(topic, persister(conn_a, schema=s)).publish(AccountChanged(2, "A"))
+        conn_a.execute(f'INSERT INTO "{s}".audit VALUES (1)')  # its trigger fires after ours
+        a_pid = conn_a.info.backend_pid
+
+        def commit_a() -> None:
+            conn_a.commit()
+            done.append("A")
+
+        a_worker = Worker(commit_a, "writer-A")
+        wait_until(
+            lambda: (
+                observer.execute(
+                    "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", [a_pid]
+                ).fetchone()
+                == ("PgSleep",)
+            ),
+            what="A's commit reaches the application's slow trigger",
+        )
+        with psycopg.connect(pg_dsn) as conn_b:
+            bind(topic, persister(conn_b, schema=s)).publish(AccountChanged(2, "B"))
+            b_pid = conn_b.info.backend_pid
+
+            def commit_b() -> None:
+                conn_b.commit()
+                done.append("B")
+
+            b_worker = Worker(commit_b, "writer-B")
+            wait_until(
+                lambda: bool(done) or a_pid in blocking_pids(observer, b_pid),
+                what="B commits or waits for A",
+            )
+            a_worker.join(10)
+            b_worker.join(10)
+    drain(relay_for(pg_store, topic))
+    assert per_account(topic)[2] == done
+
+
+def test_strict_sequence_g5_outboxes_whose_names_run_together_each_take_their_locks(
+    pg_dsn: str, pg_pool: ConnectionPool[Any], pg_schema: str
+) -> None:
+    """Schema ``X_b`` table ``c`` and schema ``X`` table ``b_c`` read the same when joined with
+    an underscore; a transaction writing strict rows to both must still lock each one's keys."""
+    schemas = [f"{pg_schema}_b", pg_schema]
+    outboxes = [(schemas[0], "c"), (schemas[1], "b_c")]
+    stores = [PostgresStore(pg_pool, schema=s, table=t) for s, t in outboxes]
+    try:
+        for store in stores:
+            store.migrate()
+
+        def immediate(conn: psycopg.Connection[Any], i: int) -> None:
+            if i == 0:
+                conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+        commit_order = write_strict_while_a_commit_is_pending(
+            pg_dsn, [(*outboxes[0], 1), (*outboxes[1], 2)], outboxes[1], immediate
+        )
+        topic = account_topic(strict_sequence=True)
+        drain(relay_for(stores[1], topic))
+        assert per_account(topic)[2] == commit_order
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schemas[0]}" CASCADE')
+
+
 # -- guarantee 3: poison policies (block holds only its key; park goes on) ----------------------
 
 
