@@ -19,12 +19,14 @@ RETURNING id, pg_notify(%(channel)s, %(topic)s)
 -- batch), so a batch spans at least four sequences when that many are due, and leaves the rest
 -- to other relays. The walk visits the topics from just after the one this relay leased last
 -- (%(topics)s comes rotated), and each topic's ordering keys downwards from just below where
--- this relay stopped last, round (from the top) to it. A lease row another relay is working on right now is
--- skipped (SKIP LOCKED), never waited for. Each lease is written with this claim's own name
--- (%(claim)s), by which the next statement finds them. Committed with it before anything is
--- published; the messages are read by the next statement, in the same transaction with a fresh
--- snapshot (READ COMMITTED: this one's may predate another relay's ack of the same sequence,
--- if the claim had to wait).
+-- this relay stopped last, round (from the top) to it. A sequence another relay's transaction is
+-- leasing, taking over, or closing right now is skipped (SKIP LOCKED, or its advisory lock tried
+-- without waiting), never waited for: a relay stalled before its COMMIT stalls no other relay.
+-- Leases run from when they are granted (clock_timestamp(), not the transaction's start).
+-- Each lease is written with this claim's own name (%(claim)s), by which the next statement
+-- finds them. Committed with it before anything is published; the messages are read by the
+-- next statement, in the same transaction with a fresh snapshot (READ COMMITTED: this one's may
+-- predate another relay's ack of the same sequence).
 -- A read-ahead (a batch still publishing asks for the next) also names the sequences it may
 -- continue (%(continue_topics)s, ..., with its lease tokens): when the free sequences cannot
 -- fill the batch, those leases are extended and renamed to this claim, so the read finds them
@@ -152,32 +154,51 @@ expired AS (
 taken_over AS (
     UPDATE {leases} l
     SET token = nextval({lease_tokens_literal}), owner = %(claim)s,
-        expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+        expires_at = coalesce(%(now)s::timestamptz, clock_timestamp())
+                     + %(lease_seconds)s * interval '1 second'
     FROM expired x
     WHERE l.topic = x.topic AND l.ordering_key = x.ordering_key
     RETURNING l.topic, l.ordering_key, l.token
 ),
--- sequences nobody holds: a new lease row (a concurrent claim of the same one wins, we skip)
+-- sequences nobody holds: a new lease row. Another claim may be inserting the same one, not yet
+-- committed (its relay may be stalled anywhere before its COMMIT): ON CONFLICT would wait for
+-- that transaction to end, so each claim first takes the sequence's transaction-level advisory
+-- lock without waiting, and skips the sequence when another claim holds it.
 fresh AS (
     INSERT INTO {leases} (topic, ordering_key, token, owner, expires_at)
     SELECT e.topic, e.ordering_key, nextval({lease_tokens_literal}), %(claim)s,
-           coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
+           coalesce(%(now)s::timestamptz, clock_timestamp())
+           + %(lease_seconds)s * interval '1 second'
     FROM chosen e
-    WHERE NOT EXISTS (
-        SELECT 1 FROM {leases} l WHERE l.topic = e.topic AND l.ordering_key = e.ordering_key
-    )
-    ORDER BY e.topic, e.ordering_key  -- one lock order for every relay: no deadlocks
-    ON CONFLICT (topic, ordering_key) DO NOTHING
+    WHERE CASE  -- in this order: the lock only for a sequence that has no lease row
+        WHEN EXISTS (
+            SELECT 1 FROM {leases} l WHERE l.topic = e.topic AND l.ordering_key = e.ordering_key
+        ) THEN false
+        ELSE pg_try_advisory_xact_lock(hashtextextended(
+            {leases_literal} || chr(31) || e.topic || chr(31) || e.ordering_key, 0))
+    END
+    ORDER BY e.topic, e.ordering_key
+    ON CONFLICT (topic, ordering_key) DO NOTHING  -- one committed since this claim's snapshot
     RETURNING topic, ordering_key, token
 ),
--- the read-ahead's own sequences, when the free ones cannot fill the batch
+-- the read-ahead's own sequences, when the free ones cannot fill the batch; a lease row another
+-- claim has locked is being taken over (this one expired): skipped, never waited for
+continuing AS (
+    SELECT c.topic, c.ordering_key, c.token, c.after
+    FROM {leases} l
+    JOIN unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
+                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[])
+         AS c (topic, ordering_key, token, after)
+      ON l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
+    ORDER BY l.topic, l.ordering_key
+    FOR UPDATE OF l SKIP LOCKED
+),
 continued AS (
     UPDATE {leases} l
     SET owner = %(claim)s,
-        expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease_seconds)s * interval '1 second'
-    FROM unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
-                %(continue_tokens)s::bigint[], %(continue_after)s::bigint[])
-         AS c (topic, ordering_key, token, after)
+        expires_at = coalesce(%(now)s::timestamptz, clock_timestamp())
+                     + %(lease_seconds)s * interval '1 second'
+    FROM continuing c
     WHERE l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
       AND (SELECT max(total) FROM taking) < %(limit)s
       AND (  -- it has a due message after the batch's last one
@@ -281,23 +302,28 @@ CROSS JOIN LATERAL (
 -- Returns the sequences it held; any other lease was taken over.
 -- Each change is driven by the messages' primary keys; the held sequences are only a filter
 -- (an array computed once), so the plan never walks a whole sequence, whatever the statistics.
+-- A lease row another claim has locked is being taken over (this batch's lease expired): it
+-- counts as lost at once, never waited for.
 WITH batch_leases AS (
     SELECT * FROM unnest(%(lease_topics)s::text[], %(lease_keys)s::text[],
                          %(lease_tokens)s::bigint[], %(lease_kept)s::boolean[])
            AS h (topic, ordering_key, token, kept)
 ),
+still_ours AS (
+    SELECT l.topic, l.ordering_key, h.kept
+    FROM {leases} l JOIN batch_leases h
+      ON l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
+    ORDER BY l.topic, l.ordering_key
+    FOR UPDATE OF l SKIP LOCKED
+),
 ended AS (
     DELETE FROM {leases} l
-    USING batch_leases h
-    WHERE l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
-      AND NOT h.kept
+    USING still_ours h
+    WHERE l.topic = h.topic AND l.ordering_key = h.ordering_key AND NOT h.kept
     RETURNING l.topic, l.ordering_key
 ),
 passed_on AS (
-    SELECT l.topic, l.ordering_key
-    FROM {leases} l JOIN batch_leases h
-      ON l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
-    WHERE h.kept
+    SELECT topic, ordering_key FROM still_ours WHERE kept
 ),
 held AS (
     SELECT topic, ordering_key FROM ended

@@ -46,7 +46,7 @@ def names_for(schema: str, table: str) -> dict[str, str]:
         "draw_position_trigger": quote_identifier(f"{table}_draw_position"),
         "schema": quote_identifier(schema),
     }
-    for key in ("outbox", "migrations", "message_ids", "lease_tokens"):
+    for key in ("outbox", "leases", "migrations", "message_ids", "lease_tokens"):
         names[f"{key}_literal"] = "'" + names[key].replace("'", "''") + "'"
     return names
 
