@@ -153,3 +153,33 @@ def test_lease_g6_leases_run_from_when_they_are_granted_not_from_the_transaction
     assert row is not None
     remaining = row[0].total_seconds()
     assert remaining > 1.8, f"leases of 2 s granted with {remaining:.2f}s left"
+
+
+def test_lease_g6_a_read_ahead_never_waits_for_a_relay_taking_its_expired_lease_over(
+    pg_dsn: str, pg_pool: ConnectionPool[Any], pg_schema: str, stores: Any
+) -> None:
+    """A batch outlived its lease and reads ahead to carry its sequence on, while another
+    relay's claim, frozen before its COMMIT, is taking that lease over. The read-ahead skips
+    the sequence instead of waiting for the frozen claim."""
+    _, healthy = stores
+    short = PostgresStore(pg_pool, schema=pg_schema, lease_duration=0.5, owner="slow")
+    with pg_pool.connection() as conn, conn.transaction():
+        bound = bind(orders_topic(), persister(conn, schema=pg_schema))
+        for n in range(20):
+            bound.publish(OrderPlaced(n, "ann"))
+    batch = short.checkout_batch(["orders"], 5)
+    assert batch is not None
+    time.sleep(0.7)  # the batch's lease expires
+    with claim_left_open(pg_dsn, healthy, limit=5) as taken:
+        assert taken == {"ann"}
+        ahead: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: ahead.append(batch.read_ahead(["orders"], 5, {("orders", "ann")}))
+        )
+        started = time.monotonic()
+        worker.start()
+        worker.join(5.0)
+        seconds = time.monotonic() - started
+        assert ahead, f"the read-ahead waited {seconds:.1f}s for the relay taking its lease over"
+        assert ahead == [None]  # nothing else to read: the sequence is the other relay's now
+        assert seconds < 2.0
