@@ -403,3 +403,110 @@ def test_each_message_arrives_with_exactly_the_outbox_attributes(channel: Channe
         assert dict(arrived.attributes) == outbox_attributes(message)
         assert arrived.data == message.data
         assert arrived.ordering_key == message.ordering_key
+
+
+# -- the publish timeout bounds the whole call (issue 14) ----------------------------------------
+
+FREEZE_SECONDS = 8.0  # the frozen emulator thaws by itself then, so an unbounded call ends too
+TIMEOUT = 2.0
+GRACE = 1.5  # the bound a test allows past the timeout: far less than the freeze
+
+
+@pytest.fixture(scope="module")
+def private_emulator() -> Iterator[Any]:
+    """An emulator of this module's own, which its tests freeze (never the session's)."""
+    from outboxbind.testing.emulator import PubSubEmulator
+
+    previous_host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    emulator = PubSubEmulator().start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+        if previous_host is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = previous_host
+
+
+def two_keys(topic: PubSubTopic[Any], count: int) -> list[Any]:
+    from datetime import UTC, datetime
+
+    from outboxbind import PersistedMessage
+
+    now = datetime.now(UTC)
+    return [
+        PersistedMessage(str(i), topic.name, b"{}", None, "ann" if i % 2 else "bob", now)
+        for i in range(1, count + 1)
+    ]
+
+
+def assert_timed_out(outcomes: list[Any], topic: PubSubTopic[Any]) -> None:
+    """Each key's head carries a TimeoutError naming the topic and the seconds; the rest wait."""
+    from outboxbind import NotAttempted
+
+    heads, rest = outcomes[:2], outcomes[2:]
+    assert all(isinstance(o, TimeoutError) for o in heads), heads
+    assert all(topic.name in str(o) and f"{TIMEOUT}s" in str(o) for o in heads), heads
+    assert all(isinstance(o, NotAttempted) for o in rest), rest
+
+
+@pytest.mark.slow
+def test_publish_batch_ends_within_its_timeout_while_the_emulator_is_frozen(
+    private_emulator: Any,
+) -> None:
+    channel = open_channel(private_emulator.host)
+    topic = channel.topic()
+    messages = two_keys(topic, 10)
+    assert all(isinstance(o, str) for o in topic.publish_batch(messages[:2], timeout=10))
+    private_emulator.pause()
+    thaw = threading.Timer(FREEZE_SECONDS, private_emulator.resume)
+    thaw.start()
+    try:
+        started = time.monotonic()
+        outcomes = topic.publish_batch(messages, timeout=TIMEOUT)
+        elapsed = time.monotonic() - started
+    finally:
+        thaw.cancel()
+        private_emulator.resume()
+    # before the fix the client's own retry (600 s deadline) ran on until the thaw
+    assert elapsed < TIMEOUT + GRACE, f"publish_batch(timeout={TIMEOUT}) took {elapsed:.1f}s"
+    assert_timed_out(outcomes, topic)
+    # the emulator thawed: the same topic publishes again at once
+    assert all(isinstance(o, str) for o in topic.publish_batch(messages[2:4], timeout=10))
+    channel.subscriber.close()
+
+
+@pytest.mark.slow
+def test_async_publish_batch_ends_within_its_timeout_while_the_emulator_is_frozen(
+    private_emulator: Any,
+) -> None:
+    import asyncio
+
+    from google.pubsub_v1.services.publisher import PublisherAsyncClient
+
+    channel = open_channel(private_emulator.host)
+
+    async def scenario() -> tuple[float, list[Any], list[Any], PubSubTopic[Any]]:
+        topic = channel.topic(async_client=PublisherAsyncClient())
+        assert topic.async_native  # cancelled by the relay, not left on a thread
+        messages = two_keys(topic, 10)
+        warm = await topic.publish_batch_async(messages[:2], timeout=10)
+        assert all(isinstance(o, str) for o in warm)
+        private_emulator.pause()
+        thaw = asyncio.get_running_loop().call_later(FREEZE_SECONDS, private_emulator.resume)
+        try:
+            started = time.monotonic()
+            outcomes = await topic.publish_batch_async(messages, timeout=TIMEOUT)
+            elapsed = time.monotonic() - started
+        finally:
+            thaw.cancel()
+            private_emulator.resume()
+        after = await topic.publish_batch_async(messages[2:4], timeout=10)
+        return elapsed, outcomes, after, topic
+
+    elapsed, outcomes, after, topic = asyncio.run(scenario())
+    assert elapsed < TIMEOUT + GRACE, f"publish_batch_async(timeout={TIMEOUT}) took {elapsed:.1f}s"
+    assert_timed_out(outcomes, topic)
+    assert all(isinstance(o, str) for o in after)
+    channel.subscriber.close()

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
 import redis
 import redis.asyncio
 
-from outboxbind import AsyncBoundTopic, AsyncRelay, Relay, bind
+from outboxbind import AsyncBoundTopic, AsyncRelay, PersistedMessage, Relay, bind
 from outboxbind.codecs import JsonCodec
 from outboxbind.errors import (
     EncodeError,
@@ -493,3 +495,122 @@ def test_async_persister_and_async_relay(redis_url: str, redis_prefix: str) -> N
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+# -- the publish timeout bounds the whole call (issue 14) ----------------------------------------
+
+FREEZE_SECONDS = 8.0  # the frozen server thaws by itself then, so an unbounded call ends too
+TIMEOUT = 2.0
+GRACE = 1.5  # the bound a test allows past the timeout: far less than the freeze
+
+
+@pytest.fixture
+def private_server(tmp_path: Any) -> Iterator[Any]:
+    """A ``redis-server`` of the test's own (never the machine's), to freeze or to disconnect."""
+    from test_redis_processes import PrivateRedis
+
+    server = PrivateRedis(tmp_path, aof=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        assert server.process is not None
+        server.process.send_signal(signal.SIGCONT)
+        server.process.kill()
+        server.process.wait(10)
+
+
+def stream_messages(topic: RedisStreamTopic[bytes], count: int) -> list[PersistedMessage]:
+    now = datetime.now(UTC)
+    return [
+        PersistedMessage(str(i), topic.name, b"x", None, "ann" if i % 2 else "bob", now)
+        for i in range(1, count + 1)
+    ]
+
+
+def assert_timed_out(outcomes: list[Any], topic: RedisStreamTopic[bytes]) -> None:
+    """Each key's head carries a TimeoutError naming the stream and the seconds."""
+    heads, rest = outcomes[:2], outcomes[2:]
+    assert all(isinstance(o, TimeoutError) for o in heads), heads
+    assert all(repr(topic.stream) in str(o) and f"{TIMEOUT}s" in str(o) for o in heads), heads
+    assert all(isinstance(o, NotAttempted) for o in rest), rest
+
+
+def frozen_for(server: Any, seconds: float) -> threading.Timer:
+    server.process.send_signal(signal.SIGSTOP)
+    thaw = threading.Timer(seconds, server.process.send_signal, (signal.SIGCONT,))
+    thaw.start()
+    return thaw
+
+
+@pytest.mark.slow
+def test_stream_publish_batch_ends_within_its_timeout_while_redis_is_frozen(
+    private_server: Any,
+) -> None:
+    # no socket_timeout (redis-py's default is 5 s): alone, it would wait for the thaw
+    client = redis.Redis.from_url(private_server.url, socket_timeout=None)
+    topic = RedisStreamTopic(client, "orders", bytes)
+    messages = stream_messages(topic, 10)
+    assert all(isinstance(o, str) for o in topic.publish_batch(messages[:2], timeout=10))
+    thaw = frozen_for(private_server, FREEZE_SECONDS)
+    try:
+        timings = []
+        for _ in range(2):  # the second call on a new connection: connecting is bounded too
+            started = time.monotonic()
+            outcomes = topic.publish_batch(messages, timeout=TIMEOUT)
+            timings.append(time.monotonic() - started)
+            assert timings[-1] < TIMEOUT + GRACE, (
+                f"publish_batch(timeout={TIMEOUT}) took {timings[-1]:.1f}s"
+            )
+            assert_timed_out(outcomes, topic)
+    finally:
+        thaw.cancel()
+        private_server.process.send_signal(signal.SIGCONT)
+    # the user's client keeps its configuration, and the topic publishes again at once
+    assert client.connection_pool.connection_kwargs.get("socket_timeout") is None
+    assert all(
+        c.socket_timeout is None for c in cast(Any, client.connection_pool)._available_connections
+    )
+    assert client.ping()
+    assert all(isinstance(o, str) for o in topic.publish_batch(messages[2:4], timeout=10))
+    client.close()
+
+
+@pytest.mark.slow
+def test_stream_publish_batch_async_ends_within_its_timeout_and_leaves_no_thread(
+    private_server: Any,
+) -> None:
+    client = redis.Redis.from_url(private_server.url, socket_timeout=None)
+    topic = RedisStreamTopic(client, "orders", bytes)
+    messages = stream_messages(topic, 10)
+
+    async def publish(timeout: float) -> list[Any]:
+        return await topic.publish_batch_async(messages, timeout=timeout)
+
+    assert all(isinstance(o, str) for o in asyncio.run(publish(10)))
+    thaw = frozen_for(private_server, FREEZE_SECONDS)
+    try:
+        started = time.monotonic()
+        # asyncio.run also joins the worker thread: a call left hanging would hold it here
+        outcomes = asyncio.run(publish(TIMEOUT))
+        elapsed = time.monotonic() - started
+    finally:
+        thaw.cancel()
+        private_server.process.send_signal(signal.SIGCONT)
+    assert elapsed < TIMEOUT + GRACE, f"publish_batch_async(timeout={TIMEOUT}) took {elapsed:.1f}s"
+    assert_timed_out(outcomes, topic)
+    client.close()
+
+
+def test_a_stream_topic_reconnects_when_redis_closed_its_idle_connection(
+    private_server: Any,
+) -> None:
+    client = redis.Redis.from_url(private_server.url)
+    topic = RedisStreamTopic(client, "orders", bytes)
+    messages = stream_messages(topic, 4)
+    assert all(isinstance(o, str) for o in topic.publish_batch(messages[:2], timeout=5))
+    assert client.client_kill_filter(_type="normal", skipme=True) >= 1  # the topic's connection
+    time.sleep(0.1)
+    assert all(isinstance(o, str) for o in topic.publish_batch(messages[2:], timeout=5))
+    assert client.xlen("orders") == 4
+    client.close()

@@ -11,7 +11,9 @@ function (the idea of Encore's ``OrderingAttribute``)::
 The relay publishes a batch with as few ``Publish`` RPCs as the limits allow (up to 1,000
 messages and about 9 MB each), one request after another: a key never has two requests in
 flight, and after a failed request the later messages of its keys are left for the retry, so
-nothing is reordered. Each message carries ``outbox-id`` (the same on every redelivery, for
+nothing is reordered. The relay's publish timeout bounds the whole batch, the client's retries
+of a request included: what is not confirmed by then is reported as a :class:`TimeoutError`.
+Each message carries ``outbox-id`` (the same on every redelivery, for
 consumers to deduplicate on), ``outbox-created-at``, the W3C ``traceparent`` captured at
 ``publish()`` when a span was active, and its own attributes.
 
@@ -25,6 +27,8 @@ import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
+from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher import PublisherAsyncClient
 from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisherClient
@@ -51,6 +55,20 @@ RESERVED_ATTRIBUTES = 4  # outbox-id, outbox-created-at, traceparent, tracestate
 #: Bytes the relay adds to each message: outbox-id (up to 20 digits), outbox-created-at (ISO
 #: 8601), their names, and framing; counted by publish() so the relay never exceeds the limit.
 RELAY_OVERHEAD_BYTES = 160
+
+#: The errors on which a request is sent again, while its time lasts: those the client retries
+#: by default (the generated ``Publish`` method's policy, whose own deadline is 600 s).
+_RETRYABLE = api_retry.if_exception_type(
+    api_exceptions.Aborted,
+    api_exceptions.Cancelled,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.InternalServerError,
+    api_exceptions.ResourceExhausted,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.Unknown,
+)
+#: The client's default backoff between attempts: 0.1 s, then four times longer, at most 60 s.
+_BACKOFF_INITIAL, _BACKOFF_MULTIPLIER, _BACKOFF_MAXIMUM = 0.1, 4.0, 60.0
 
 _MESSAGE_PB = PubsubMessage.pb()
 _REQUEST_PB = PublishRequest.pb()
@@ -237,7 +255,8 @@ class PubSubTopic(Topic[T]):
         """The batch's requests, in order, each with the time left; one logic for both faces.
 
         Yields ``(request, timeout)``; the driver sends back the message ids, or throws in the
-        request's error. Returns the outcome of every message.
+        request's error, having retried the request for at most ``timeout`` seconds. Returns the
+        outcome of every message.
         """
         deadline = time.monotonic() + timeout
         plan = _Plan(messages)
@@ -252,7 +271,7 @@ class PubSubTopic(Topic[T]):
             try:
                 message_ids = yield self._request(messages, sendable), remaining
             except Exception as exc:
-                plan.failed(sendable, exc)
+                plan.failed(sendable, self._timed_out(exc, timeout))
                 continue
             plan.published(sendable, message_ids)
         return plan.outcomes
@@ -275,11 +294,39 @@ class PubSubTopic(Topic[T]):
             return done.value  # type: ignore[no-any-return]
 
     def _send(self, request: PublishRequest, timeout: float) -> list[str]:
-        """One Publish RPC with the whole request; the message ids in request order."""
-        # the GAPIC method itself: the client library's batching publish() would split the
-        # request into one future per message
-        response = GapicPublisherClient.publish(self.client, request=request, timeout=timeout)
-        return list(response.message_ids)
+        """The Publish RPC of the whole request, retried on transient errors for at most
+        ``timeout`` seconds in all; the message ids in request order."""
+        deadline = time.monotonic() + timeout
+
+        def attempt() -> list[str]:
+            # the GAPIC method itself: the client library's batching publish() would split the
+            # request into one future per message. Its default retry is off (``retry=None``):
+            # it would go on for 600 s, each attempt given ``timeout`` afresh.
+            response = GapicPublisherClient.publish(
+                self.client, request=request, retry=None, timeout=_time_left(deadline)
+            )
+            return list(response.message_ids)
+
+        retry = api_retry.Retry(
+            predicate=_RETRYABLE,
+            initial=_BACKOFF_INITIAL,
+            multiplier=_BACKOFF_MULTIPLIER,
+            maximum=_BACKOFF_MAXIMUM,
+            timeout=timeout,
+        )
+        message_ids: list[str] = retry(attempt)()
+        return message_ids
+
+    def _timed_out(self, error: Exception, timeout: float) -> Exception:
+        """``error`` as the :class:`TimeoutError` of the batch when the time ran out."""
+        if not isinstance(error, api_exceptions.RetryError | api_exceptions.DeadlineExceeded):
+            return error
+        timed_out = TimeoutError(
+            f"topic {self.name!r}: Pub/Sub did not confirm the request within the publish "
+            f"timeout of {timeout}s ({error})"
+        )
+        timed_out.__cause__ = error
+        return timed_out
 
     @property
     def async_native(self) -> bool:
@@ -298,13 +345,42 @@ class PubSubTopic(Topic[T]):
             request, remaining = next(steps)
             while True:
                 try:
-                    response = await client.publish(request=request, timeout=remaining)
+                    message_ids = await self._send_async(client, request, remaining)
                 except Exception as exc:
                     request, remaining = steps.throw(exc)
                 else:
-                    request, remaining = steps.send(list(response.message_ids))
+                    request, remaining = steps.send(message_ids)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+
+    @staticmethod
+    async def _send_async(
+        client: PublisherAsyncClient, request: PublishRequest, timeout: float
+    ) -> list[str]:
+        """As :meth:`_send`, with the asyncio client."""
+        deadline = time.monotonic() + timeout
+
+        async def attempt() -> list[str]:
+            response = await client.publish(
+                request=request, retry=None, timeout=_time_left(deadline)
+            )
+            return list(response.message_ids)
+
+        retry = api_retry.AsyncRetry(
+            predicate=_RETRYABLE,
+            initial=_BACKOFF_INITIAL,
+            multiplier=_BACKOFF_MULTIPLIER,
+            maximum=_BACKOFF_MAXIMUM,
+            timeout=timeout,
+        )
+        message_ids: list[str] = await retry(attempt)()
+        return message_ids
+
+
+def _time_left(deadline: float) -> float:
+    """The seconds an attempt may take. The retry sleeps only while time is left, so an attempt
+    starts before the deadline; at worst it gets 1 ms, and gRPC's DeadlineExceeded ends it."""
+    return max(deadline - time.monotonic(), 0.001)
 
 
 class _Plan:

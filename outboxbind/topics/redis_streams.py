@@ -9,15 +9,24 @@ A stream is one totally ordered log, so every ordering key keeps its order in it
 batch goes out as one Lua script of ``XADD`` commands in the batch's order; when one fails, the
 later messages of its key are not sent (they are reported as
 :class:`~outboxbind.errors.NotAttempted` and retried), while other keys go on.
+
+The relay's publish timeout bounds the whole call, however the client is configured: the batch
+goes out on a connection of the topic's own (made with the client's settings, without its
+retries), whose socket waits at most the time left at each step (connecting, sending, reading).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from outboxbind.codecs import BytesCodec, Codec, JsonCodec
 from outboxbind.errors import ConfigurationError, NotAttempted
@@ -116,6 +125,9 @@ class RedisStreamTopic(Topic[T]):
         self.maxlen = maxlen
         self.approximate = approximate
         self._batch_script = client.register_script(_BATCH_SCRIPT)
+        self._connections: list[Any] = []  # idle connections of publish_batch, see _connection
+        self._connections_pid = os.getpid()
+        self._connections_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RedisStreamTopic({self.stream!r})"
@@ -155,8 +167,10 @@ class RedisStreamTopic(Topic[T]):
         When an ``XADD`` fails, the script sends no later message of its key (they are reported
         as :class:`~outboxbind.errors.NotAttempted`) and goes on with the other keys. When the
         call itself fails (connection lost, script refused), the first message of each key
-        carries the error and the rest are not attempted. The relay bounds the call with its
-        publish timeout; the client's ``socket_timeout`` bounds the wait on the socket.
+        carries the error and the rest are not attempted, a :class:`TimeoutError` when the
+        ``timeout`` ran out. The whole call ends within ``timeout``: it runs on a connection of
+        the topic's own, whose socket waits at most the time left (the client's
+        ``socket_timeout`` and retries do not apply to it, and the client is left unchanged).
         """
         if not messages:
             return []
@@ -171,8 +185,16 @@ class RedisStreamTopic(Topic[T]):
             args.append(str(len(fields)))
             for field, value in fields.items():
                 args.extend((field, value))
+        deadline = time.monotonic() + timeout
         try:
-            replies = self._batch_script(keys=[self.stream], args=args)
+            replies = self._run_script(args, deadline)
+        except (redis.TimeoutError, TimeoutError) as exc:
+            timed_out = TimeoutError(
+                f"stream {self.stream!r}: Redis did not answer within the publish timeout of "
+                f"{timeout}s ({exc})"
+            )
+            timed_out.__cause__ = exc
+            return _group_failure(messages, timed_out)
         except (redis.RedisError, OSError) as exc:
             return _group_failure(messages, exc)
         outcomes: list[PublishOutcome] = []
@@ -192,6 +214,71 @@ class RedisStreamTopic(Topic[T]):
                     NotAttempted(f"message {message.id}: an earlier message of its key failed")
                 )
         return outcomes
+
+    # -- a call bounded by its deadline ---------------------------------------------------------
+
+    def _run_script(self, args: list[Any], deadline: float) -> Any:
+        """Run the batch script once on a connection of our own, each socket wait bounded by
+        the time left; the script is sent whole when the server does not have it cached."""
+        connection = self._connection()
+        try:
+            if connection._sock and _stale(connection):
+                connection.disconnect()  # the server closed it while idle (its `timeout`)
+            if not connection._sock:  # connect and handshake (AUTH, SELECT...) in the time left
+                connection.socket_connect_timeout = _time_left(deadline)
+                connection.socket_timeout = _time_left(deadline)
+                connection.connect()
+            try:
+                reply = self._command(
+                    connection, deadline, "EVALSHA", self._batch_script.sha, 1, self.stream, *args
+                )
+            except redis.exceptions.NoScriptError:
+                reply = self._command(
+                    connection, deadline, "EVAL", _BATCH_SCRIPT, 1, self.stream, *args
+                )
+        except BaseException:
+            connection.disconnect()  # its state is unknown: the next call connects afresh
+            raise
+        finally:
+            with self._connections_lock:
+                self._connections.append(connection)
+        return reply
+
+    @staticmethod
+    def _command(connection: Any, deadline: float, *command: Any) -> Any:
+        connection._sock.settimeout(_time_left(deadline))  # what sendall waits at most
+        connection.send_command(*command, check_health=False)
+        connection._sock.settimeout(_time_left(deadline))  # what each read waits at most
+        return connection.read_response()
+
+    def _connection(self) -> Any:
+        """An idle connection of the topic's, or a new one made with the client's settings but
+        no retries (a retry would start the wait again). Never the client's own connections:
+        their timeouts are the user's to set."""
+        with self._connections_lock:
+            if self._connections_pid != os.getpid():  # forked: the parent's sockets are not ours
+                self._connections, self._connections_pid = [], os.getpid()
+            if self._connections:
+                return self._connections.pop()
+        pool = self.client.connection_pool
+        return pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
+
+
+def _stale(connection: Any) -> bool:
+    """Whether an idle connection has something to read: the server closed it, or it is out
+    of step; either way it is dropped (as redis-py's pool does before lending one)."""
+    try:
+        return bool(connection.can_read())
+    except (redis.RedisError, OSError):
+        return True
+
+
+def _time_left(deadline: float) -> float:
+    """The seconds a socket may wait; with none left, the call has timed out."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the time ran out")
+    return left
 
 
 _BATCH_SCRIPT = """
