@@ -19,6 +19,7 @@ from outboxbind.errors import (
     NotInTransaction,
     OutboxError,
     PublishError,
+    SchemaTooNew,
     TopicAlreadyRegistered,
     UnpublishableError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "PublishError",
     "Relay",
     "RetryPolicy",
+    "SchemaTooNew",
     "Store",
     "Topic",
     "TopicAlreadyRegistered",

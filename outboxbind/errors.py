@@ -18,6 +18,7 @@ __all__ = [
     "NotInTransaction",
     "OutboxError",
     "PublishError",
+    "SchemaTooNew",
     "TopicAlreadyRegistered",
     "UnpublishableError",
 ]
@@ -85,6 +86,42 @@ class TopicAlreadyRegistered(ConfigurationError):
     """A topic of the same name is already registered with this relay."""
 
     __module__ = "outboxbind"
+
+
+class SchemaTooNew(OutboxError):
+    """The outbox was migrated by a newer outboxbind than this one: upgrade outboxbind.
+
+    Its recorded schema version is above the newest this code ships, so this code does not know
+    how that schema must be read or written. Nothing was changed. Raised by a store's
+    ``migrate()``, by a store that migrates when it is made, and by the relay's first checkout.
+
+    Attributes:
+        where: the outbox it is about (a file, a schema and table, a key prefix).
+        found: the schema version recorded there.
+        newest: the newest schema version this outboxbind knows.
+    """
+
+    __module__ = "outboxbind"
+
+    def __init__(self, where: str, found: int, newest: int) -> None:
+        super().__init__(
+            f"{where}: the outbox schema is at version {found}, newer than this outboxbind "
+            f"knows (up to version {newest}); it was migrated by a newer outboxbind: upgrade "
+            "outboxbind (pip install --upgrade outboxbind) to use it"
+        )
+        self.where = where
+        self.found = found
+        self.newest = newest
+
+    def __reduce__(self) -> tuple[type[SchemaTooNew], tuple[str, int, int]]:
+        return (type(self), (self.where, self.found, self.newest))
+
+    @classmethod
+    def check(cls, where: str, found: int | None, newest: int) -> None:
+        """Raise :class:`SchemaTooNew` when the recorded version ``found`` is above ``newest``
+        (``None``: nothing recorded yet, a fresh outbox)."""
+        if found is not None and found > newest:
+            raise cls(where, found, newest)
 
 
 class LeaseLost(OutboxError):
