@@ -14,6 +14,7 @@ __all__ = [
     "InvalidOrderingKey",
     "LeaseLost",
     "MessageTooLarge",
+    "MissingExtra",
     "NotAttempted",
     "NotInTransaction",
     "OutboxError",
@@ -122,6 +123,25 @@ class SchemaTooNew(OutboxError):
         (``None``: nothing recorded yet, a fresh outbox)."""
         if found is not None and found > newest:
             raise cls(where, found, newest)
+
+
+class MissingExtra(OutboxError, ImportError):
+    """An optional dependency of the module being imported (or used) is not installed.
+
+    The message names the extra that installs it, as in ``pip install 'outboxbind[postgres]'``;
+    :attr:`name` is the module that could not be imported, as for any ``ImportError``.
+    """
+
+    __module__ = "outboxbind"
+
+    @classmethod
+    def of(cls, module: str, extra: str, error: ImportError) -> MissingExtra:
+        """The error for ``module``, which needs ``extra``, when importing failed with
+        ``error``."""
+        return cls(
+            f"{module} needs the {extra!r} extra: pip install 'outboxbind[{extra}]' ({error})",
+            name=error.name,
+        )
 
 
 class LeaseLost(OutboxError):

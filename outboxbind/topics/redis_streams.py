@@ -17,7 +17,10 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
-import redis
+from outboxbind._extras import needs_extra
+
+with needs_extra("redis", __name__):
+    import redis
 
 from outboxbind.codecs import BytesCodec, Codec, JsonCodec
 from outboxbind.errors import ConfigurationError, NotAttempted
