@@ -1,7 +1,8 @@
 """The ``outboxbind`` command: run a relay, migrate, inspect the backlog and dead letters.
 
 Stores are named by URL: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``
-(with ``?table=name`` for another outbox table).
+(with ``?table=name`` for another outbox table). Only ``migrate`` and ``relay`` create an
+outbox; ``status`` and ``dead-letters`` refuse a database that does not exist or holds none.
 """
 
 from __future__ import annotations
@@ -25,17 +26,33 @@ from outboxbind.store import DeadLetterAdmin
 __all__ = ["main", "open_store"]
 
 
-def open_store(url: str, *, migrate: bool = True) -> Any:
-    """Open the store a URL names (``sqlite:///path.db?table=outbox``)."""
+def open_store(url: str, *, migrate: bool = True, create: bool = True) -> Any:
+    """Open the store a URL names (``sqlite:///path.db?table=outbox``).
+
+    With ``create=False`` (the commands that inspect or repair an outbox) nothing is created:
+    the database must exist and hold the outbox.
+
+    Raises:
+        ConfigurationError: the URL is malformed, or names a database that cannot be used.
+        SchemaTooNew: the outbox was migrated by a newer outboxbind.
+    """
     parts = urlsplit(url)
     options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     if parts.scheme == "sqlite":
         from outboxbind.stores.sqlite import SQLiteStore
 
+        if parts.netloc:
+            raise ConfigurationError(
+                f"{url!r}: an SQLite URL names no host ({parts.netloc!r}); write "
+                "sqlite:///relative.db for a file under the current folder, or "
+                "sqlite:////absolute/path.db for an absolute path"
+            )
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
             raise ConfigurationError(f"{url!r}: name the database file, as sqlite:///app.db")
-        return SQLiteStore(path, table=options.get("table", "outbox"), migrate=migrate)
+        return SQLiteStore(
+            path, table=options.get("table", "outbox"), migrate=migrate, create=create
+        )
     raise ConfigurationError(f"{url!r}: unknown store scheme {parts.scheme!r} (known: sqlite)")
 
 
@@ -51,7 +68,7 @@ def _load_relay(target: str) -> Relay:
 
 
 def _admin(url: str) -> DeadLetterAdmin:
-    store = open_store(url)
+    store = open_store(url, migrate=False, create=False)  # inspect or repair: create nothing
     if not isinstance(store, DeadLetterAdmin):
         raise ConfigurationError(f"{url!r}: this store does not support dead-letter operations")
     return store

@@ -21,7 +21,7 @@ import threading
 from contextlib import closing
 from pathlib import Path
 
-from outboxbind import JsonCodec, Relay, bind
+from outboxbind import ConfigurationError, JsonCodec, Relay, SchemaTooNew, bind
 from outboxbind.stores.sqlite import SQLiteStore, persister
 from outboxbind.topics.memory import InMemoryTopic
 
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1
+    except (ConfigurationError, SchemaTooNew) as exc:  # the store's own, clear errors
+        print(f"outboxbind demo: {exc}", file=sys.stderr)
+        return 2
     except sqlite3.Error as exc:
         where = args.db if args.db is not None else "the temporary database"
         print(f"outboxbind demo: cannot use {where}: {exc}", file=sys.stderr)

@@ -14,10 +14,12 @@ __all__ = [
     "InvalidOrderingKey",
     "LeaseLost",
     "MessageTooLarge",
+    "MissingExtra",
     "NotAttempted",
     "NotInTransaction",
     "OutboxError",
     "PublishError",
+    "SchemaTooNew",
     "TopicAlreadyRegistered",
     "UnpublishableError",
 ]
@@ -85,6 +87,61 @@ class TopicAlreadyRegistered(ConfigurationError):
     """A topic of the same name is already registered with this relay."""
 
     __module__ = "outboxbind"
+
+
+class SchemaTooNew(OutboxError):
+    """The outbox was migrated by a newer outboxbind than this one: upgrade outboxbind.
+
+    Its recorded schema version is above the newest this code ships, so this code does not know
+    how that schema must be read or written. Nothing was changed. Raised by a store's
+    ``migrate()``, by a store that migrates when it is made, and by the relay's first checkout.
+
+    Attributes:
+        where: the outbox it is about (a file, a schema and table, a key prefix).
+        found: the schema version recorded there.
+        newest: the newest schema version this outboxbind knows.
+    """
+
+    __module__ = "outboxbind"
+
+    def __init__(self, where: str, found: int, newest: int) -> None:
+        super().__init__(
+            f"{where}: the outbox schema is at version {found}, newer than this outboxbind "
+            f"knows (up to version {newest}); it was migrated by a newer outboxbind: upgrade "
+            "outboxbind (pip install --upgrade outboxbind) to use it"
+        )
+        self.where = where
+        self.found = found
+        self.newest = newest
+
+    def __reduce__(self) -> tuple[type[SchemaTooNew], tuple[str, int, int]]:
+        return (type(self), (self.where, self.found, self.newest))
+
+    @classmethod
+    def check(cls, where: str, found: int | None, newest: int) -> None:
+        """Raise :class:`SchemaTooNew` when the recorded version ``found`` is above ``newest``
+        (``None``: nothing recorded yet, a fresh outbox)."""
+        if found is not None and found > newest:
+            raise cls(where, found, newest)
+
+
+class MissingExtra(OutboxError, ImportError):
+    """An optional dependency of the module being imported (or used) is not installed.
+
+    The message names the extra that installs it, as in ``pip install 'outboxbind[postgres]'``;
+    :attr:`name` is the module that could not be imported, as for any ``ImportError``.
+    """
+
+    __module__ = "outboxbind"
+
+    @classmethod
+    def of(cls, module: str, extra: str, error: ImportError) -> MissingExtra:
+        """The error for ``module``, which needs ``extra``, when importing failed with
+        ``error``."""
+        return cls(
+            f"{module} needs the {extra!r} extra: pip install 'outboxbind[{extra}]' ({error})",
+            name=error.name,
+        )
 
 
 class LeaseLost(OutboxError):

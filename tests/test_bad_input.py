@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from outboxbind import (
+    ConfigurationError,
     EncodeError,
     InvalidAttributes,
     InvalidIdentifier,
@@ -114,6 +116,8 @@ def test_an_ordering_key_function_that_fails_is_reported(conn: sqlite3.Connectio
         ({"": "x"}, "attribute name '' must be a non-empty string"),
         ({"n": 1}, "attribute 'n' must be a string without NUL, not 1"),
         ({"n": "a\x00"}, "must be a string without NUL"),
+        ({"n": "\udfff"}, "attribute 'n' is not valid Unicode text"),
+        ({"\ud800": "x"}, "is not valid Unicode text"),
         ({f"a{i}": "" for i in range(101)}, "101 attributes, over the limit of 100"),
     ],
 )
@@ -176,3 +180,65 @@ def test_a_deliver_after_beyond_the_calendar_is_a_publish_error(conn: sqlite3.Co
         bind(order_topic(), persister(conn)).publish(
             OrderPlaced(1, "ann"), deliver_after=timedelta(days=999_999_999)
         )
+
+
+def test_a_lone_surrogate_ordering_key_is_refused(
+    conn: sqlite3.Connection, store: SQLiteStore
+) -> None:
+    topic: InMemoryTopic[dict[str, Any]] = InMemoryTopic(
+        "events", JsonCodec(), ordering_key=lambda m: "\ud800" if m["key"] == "bad" else m["key"]
+    )
+    with pytest.raises(InvalidOrderingKey, match=r"not valid Unicode text \(it holds a lone"):
+        bind(topic, persister(conn)).publish({"key": "bad"})
+    assert_transaction_still_usable(conn, topic, store, {"key": "fine"})
+
+
+def _topic_of_every_kind(name: str) -> None:
+    """Make a topic named ``name`` with each built-in topic class (none connects on creation)."""
+    import redis
+
+    from outboxbind.topics.pubsub import PubSubTopic
+    from outboxbind.topics.redis_streams import RedisStreamTopic
+
+    makers: list[Callable[[], object]] = [
+        lambda: InMemoryTopic(name, JsonCodec()),
+        lambda: RedisStreamTopic(redis.Redis(), "stream", bytes, name=name),
+        lambda: PubSubTopic(cast(Any, object()), "projects/p/topics/t", bytes, name=name),
+    ]
+    errors = []
+    for make in makers:
+        with pytest.raises(ConfigurationError) as caught:
+            make()
+        errors.append(str(caught.value))
+    assert len(set(errors)) == 1, errors  # one rule, one message, whatever the topic
+    raise ConfigurationError(errors[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("a\x00b", "a topic name must not contain NUL"),
+        ("orders\ud800", r"is not valid Unicode text \(it holds a lone surrogate\)"),
+        ("é" * 513, "is 1026 bytes of UTF-8, over the limit of 1024 bytes"),
+        ("x" * 8001, "is 8001 bytes of UTF-8, over the limit of 1024 bytes"),
+    ],
+)
+def test_a_bad_topic_name_is_refused_when_the_topic_is_made(name: str, reason: str) -> None:
+    """Guarantee 9, at the earliest point: a name no store could take never reaches publish()
+    (over 8,000 bytes it used to abort the caller's transaction in pg_notify; a lone surrogate
+    raised a bare UnicodeEncodeError on every store)."""
+    with pytest.raises(ConfigurationError, match=reason):
+        _topic_of_every_kind(name)
+
+
+def test_an_empty_topic_name_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="a topic name must be a non-empty string, not ''"):
+        InMemoryTopic("", JsonCodec())
+
+
+def test_a_topic_name_at_the_limit_is_accepted(conn: sqlite3.Connection) -> None:
+    name = "é" * 512  # 1024 bytes
+    topic: InMemoryTopic[dict[str, Any]] = InMemoryTopic(name, JsonCodec())
+    bind(topic, persister(conn)).publish({"id": 1})
+    conn.commit()
+    assert conn.execute("SELECT topic FROM outbox").fetchall() == [(name,)]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -148,5 +149,87 @@ def test_demo_runs_from_the_command_line_with_its_own_options(
 def test_a_malformed_id_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    SQLiteStore(tmp_path / "app.db").close()  # replay refuses a database that does not exist
     assert main(["dead-letters", "replay", f"sqlite:///{tmp_path / 'app.db'}", "abc"]) == 2
     assert "outbox ids are whole numbers here; 'abc' is not one" in capsys.readouterr().err
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["status", "--json"], ["dead-letters", "list"], ["dead-letters", "replay"]],
+)
+def test_inspecting_a_database_that_does_not_exist_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    db = tmp_path / "typo.db"
+    args = [*command, f"sqlite:///{db}"] + (["1"] if command[-1] == "replay" else [])
+    assert main(args) == 2
+    assert f"no database at '{db}'" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_folder_is_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "no-such-folder" / "app.db"
+    assert main(["status", f"sqlite:///{db}"]) == 2
+    assert f"the folder '{db.parent}' does not exist" in one_error_line(capsys)
+    assert main(["migrate", f"sqlite:///{db}"]) == 2
+    line = one_error_line(capsys)
+    assert f"cannot create the SQLite database '{db}'" in line
+    assert f"the folder '{db.parent}' does not exist" in line
+    assert not db.parent.exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["migrate"], ["dead-letters", "list"]])
+def test_a_file_that_is_not_a_database_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    db = tmp_path / "notes.txt"
+    db.write_bytes(b"not an SQLite file, " * 50)
+    assert main([*command, f"sqlite:///{db}"]) == 2
+    assert f"cannot use '{db}' as an SQLite database: file is not a database" in one_error_line(
+        capsys
+    )
+    assert db.read_bytes() == b"not an SQLite file, " * 50
+
+
+def test_inspecting_a_database_without_an_outbox_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "other.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    before = db.read_bytes()
+    assert main(["status", f"sqlite:///{db}"]) == 2
+    line = one_error_line(capsys)
+    assert f"no outbox (table 'outbox') in the SQLite database '{db}'" in line
+    assert "outboxbind migrate" in line
+    assert db.read_bytes() == before  # not even switched to WAL
+    with closing(sqlite3.connect(db)) as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert tables == [("notes",)]
+
+
+@pytest.mark.parametrize("command", [["status"], ["migrate"]])
+def test_a_host_in_a_sqlite_url_is_refused_with_the_forms_that_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "sqlite://localhost/app.db"]) == 2
+    line = one_error_line(capsys)
+    assert "'sqlite://localhost/app.db': an SQLite URL names no host ('localhost')" in line
+    assert "sqlite:///relative.db" in line
+    assert "sqlite:////absolute/path.db" in line
+    assert list(tmp_path.iterdir()) == []

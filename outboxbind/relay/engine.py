@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from outboxbind.errors import NotAttempted, UnpublishableError
+from outboxbind.errors import NotAttempted, SchemaTooNew, UnpublishableError
 from outboxbind.messages import PersistedMessage
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
 from outboxbind.store import MarkedOutcome
@@ -243,6 +243,8 @@ class RelayEngine:
                 yield from self.flush(pipeline)  # its close is not overlapped with anything
             try:
                 batch = yield Call(self.store, "checkout_batch", (list(self.topics), limit))
+            except SchemaTooNew:
+                raise  # no retry can help: this outboxbind must be upgraded
             except Exception as exc:
                 log.warning("outbox checkout failed: %s", _describe(exc), exc_info=exc)
                 self.totals["store_errors"] += 1

@@ -23,7 +23,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import attrs
-import pytest
+
+from outboxbind._extras import needs_extra
+
+with needs_extra("testing", __name__):
+    import pytest
 
 from outboxbind.errors import LeaseLost
 from outboxbind.messages import OutboxEntry, PersistedMessage

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from outboxbind.codecs import Codec
 from outboxbind.errors import (
+    ConfigurationError,
     EncodeError,
     InvalidAttributes,
     InvalidOrderingKey,
@@ -27,9 +28,11 @@ from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.tracing import current_traceparent
 
 __all__ = [
+    "MAX_TOPIC_NAME_BYTES",
     "RESERVED_ATTRIBUTE_PREFIX",
     "PublishOutcome",
     "Topic",
+    "check_topic_name",
     "outbox_attributes",
     "publish_in_key_order",
 ]
@@ -43,6 +46,42 @@ DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
 DEFAULT_MAX_ORDERING_KEY_BYTES = 1024
 DEFAULT_MAX_ATTRIBUTES = 100
 
+MAX_TOPIC_NAME_BYTES = 1024
+"""The longest topic name (in UTF-8 bytes) a topic accepts.
+
+Every store keeps the name in each outbox row and the PostgreSQL store sends it as the
+``pg_notify`` payload (at most 8,000 bytes) inside the writer's transaction. It also shares the
+PostgreSQL sequence index entry (at most 2,704 bytes) with an ordering key of up to 1,024 bytes.
+1,024 bytes keeps every store well inside its limits, and far more than any real name needs."""
+
+
+def check_topic_name(name: object) -> str:
+    """Return ``name`` if every store can take it as a topic name; a clear error otherwise.
+
+    A topic name is a non-empty ``str`` without NUL, valid Unicode text (no lone surrogate, so
+    it has a UTF-8 form), of at most :data:`MAX_TOPIC_NAME_BYTES` bytes of UTF-8.
+
+    Raises:
+        ConfigurationError: naming what is wrong with the name, and the limit it broke.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"a topic name must be a non-empty string, not {name!r}")
+    if "\x00" in name:
+        raise ConfigurationError(f"a topic name must not contain NUL: {name[:80]!r}")
+    if not _is_utf8(name):
+        raise ConfigurationError(
+            f"the topic name {name[:80]!r} is not valid Unicode text (it holds a lone "
+            "surrogate), so no store can write it"
+        )
+    size = len(name.encode("utf-8"))
+    if size > MAX_TOPIC_NAME_BYTES:
+        raise ConfigurationError(
+            f"the topic name {name[:40]!r}... is {size} bytes of UTF-8, over the limit of "
+            f"{MAX_TOPIC_NAME_BYTES} bytes"
+        )
+    return name
+
+
 RESERVED_ATTRIBUTE_PREFIX = "outbox-"
 """Attributes outboxbind adds when publishing: ``outbox-id`` (the consumer's idempotency key),
 ``outbox-created-at``."""
@@ -52,7 +91,8 @@ class Topic(ABC, Generic[T]):
     """Base class of every topic: validation and encoding here, publishing in subclasses.
 
     Args:
-        name: the name the relay and the outbox know the topic by.
+        name: the name the relay and the outbox know the topic by (see
+            :func:`check_topic_name`: non-empty, no NUL, valid Unicode, at most 1,024 bytes).
         codec: turns messages into bytes (see :mod:`outboxbind.codecs`).
         ordering_key: a function of the message giving its ordering key. Messages with the same
             key are published in the order they were written; without it, the whole topic keeps
@@ -77,8 +117,7 @@ class Topic(ABC, Generic[T]):
         max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
         strict_sequence: bool = False,
     ) -> None:
-        if not isinstance(name, str) or not name or "\x00" in name:
-            raise ValueError(f"a topic name must be a non-empty string without NUL, not {name!r}")
+        check_topic_name(name)
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, not {max_message_bytes}")
         self.name = name

@@ -27,12 +27,15 @@ import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
-from google.api_core import exceptions as api_exceptions
-from google.api_core import retry as api_retry
-from google.cloud import pubsub_v1
-from google.pubsub_v1.services.publisher import PublisherAsyncClient
-from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisherClient
-from google.pubsub_v1.types import PublishRequest, PubsubMessage
+from outboxbind._extras import needs_extra
+
+with needs_extra("pubsub", __name__):
+    from google.api_core import exceptions as api_exceptions
+    from google.api_core import retry as api_retry
+    from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.publisher import PublisherAsyncClient
+    from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisherClient
+    from google.pubsub_v1.types import PublishRequest, PubsubMessage
 
 from outboxbind.codecs import BytesCodec, Codec, JsonCodec
 from outboxbind.errors import InvalidAttributes, MessageTooLarge, NotAttempted

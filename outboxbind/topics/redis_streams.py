@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from outboxbind._extras import needs_extra
+
+with needs_extra("redis", __name__):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
 from outboxbind.codecs import BytesCodec, Codec, JsonCodec
 from outboxbind.errors import ConfigurationError, NotAttempted

@@ -6,6 +6,13 @@ pool. Sequences are leased with fencing tokens, claimed and read in one short tr
 relays wake on commit through LISTEN/NOTIFY.
 """
 
+from outboxbind._extras import needs_extra
+
+# checked here, before any module of the package imports them (importing one runs this first)
+with needs_extra("postgres", __name__):
+    import psycopg  # noqa: F401
+    import psycopg_pool  # noqa: F401
+
 from outboxbind.stores.postgres.persister import (
     AsyncPostgresPersister,
     PostgresPersister,

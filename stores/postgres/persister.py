@@ -13,6 +13,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from outboxbind._extras import needs_extra
 from outboxbind.errors import NotInTransaction
 from outboxbind.messages import OutboxEntry
 from outboxbind.stores.postgres.schema import queries_for
@@ -195,10 +196,11 @@ def sqlalchemy_persister(
     session's own statements. The engine must use the psycopg driver
     (``postgresql+psycopg://``).
     """
-    from sqlalchemy.engine import Connection as SAConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
+    with needs_extra("sqlalchemy", "outboxbind.stores.postgres.sqlalchemy_persister"):
+        from sqlalchemy.engine import Connection as SAConnection
+        from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+        from sqlalchemy.ext.asyncio import AsyncSession
+        from sqlalchemy.orm import Session
 
     if isinstance(session, AsyncSession | SAAsyncConnection):
         return _SQLAlchemyAsyncPersister(session, schema, table)

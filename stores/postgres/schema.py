@@ -9,9 +9,19 @@ from typing import Any
 
 import psycopg
 
+from outboxbind.errors import SchemaTooNew
 from outboxbind.sql import check_identifier, load_queries, quote_identifier
 
-__all__ = ["Names", "migrate", "migration_scripts", "names_for", "queries_for"]
+__all__ = [
+    "Names",
+    "check_version",
+    "migrate",
+    "migration_scripts",
+    "names_for",
+    "newest_version",
+    "queries_for",
+    "recorded_version",
+]
 
 _HERE = files(__package__)
 
@@ -78,6 +88,42 @@ def migration_scripts(schema: str, table: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+@functools.cache
+def newest_version() -> int:
+    """The newest schema version this outboxbind ships (its last migration's number)."""
+    return max(version for version, _name, _sql in migration_scripts("public", "outbox"))
+
+
+def _where(schema: str, table: str) -> str:
+    return f"PostgreSQL outbox {schema}.{table}"
+
+
+def recorded_version(
+    conn: psycopg.Connection[Any], *, schema: str = "public", table: str = "outbox"
+) -> int | None:
+    """The newest schema version applied to the outbox ``schema.table`` (``None``: never
+    migrated)."""
+    names = names_for(schema, table)
+    exists = conn.execute(f"SELECT to_regclass({names['migrations_literal']}) IS NOT NULL")
+    if not exists.fetchone()[0]:  # type: ignore[index]
+        return None
+    row = conn.execute(f"SELECT max(version) FROM {names['migrations']}").fetchone()
+    return row[0] if row is not None else None
+
+
+def check_version(
+    conn: psycopg.Connection[Any], *, schema: str = "public", table: str = "outbox"
+) -> int | None:
+    """The recorded schema version of ``schema.table``, after checking this code knows it.
+
+    Raises:
+        SchemaTooNew: a newer outboxbind migrated the outbox.
+    """
+    found = recorded_version(conn, schema=schema, table=table)
+    SchemaTooNew.check(_where(schema, table), found, newest_version())
+    return found
+
+
 def migrate(
     conn: psycopg.Connection[Any], *, schema: str = "public", table: str = "outbox"
 ) -> list[int]:
@@ -85,6 +131,9 @@ def migrate(
 
     Runs in one transaction under an advisory lock, so concurrent callers apply each version
     once. Creates the schema if it does not exist.
+
+    Raises:
+        SchemaTooNew: a newer outboxbind migrated the outbox; nothing is changed.
     """
     queries = queries_for(schema, table)
     applied: list[int] = []
@@ -93,6 +142,7 @@ def migrate(
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {names_for(schema, table)['schema']}")
         conn.execute(queries["create_migrations_table"])
         done = {row[0] for row in conn.execute(queries["applied_migrations"])}
+        SchemaTooNew.check(_where(schema, table), max(done, default=None), newest_version())
         for version, name, script in migration_scripts(schema, table):
             if version in done:
                 continue

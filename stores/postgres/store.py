@@ -38,7 +38,7 @@ from outboxbind.store import (
     round_robin,
 )
 from outboxbind.stores.postgres.persister import notify_channel
-from outboxbind.stores.postgres.schema import migrate, queries_for
+from outboxbind.stores.postgres.schema import check_version, migrate, queries_for
 from outboxbind.wakeup import WakeupThread
 
 __all__ = ["AsyncPostgresBatch", "AsyncPostgresStore", "PostgresBatch", "PostgresStore"]
@@ -574,6 +574,7 @@ class PostgresStore:
         )
         conninfo, kwargs = (listen_conninfo, {}) if listen_conninfo else _conninfo_of(pool)
         self._listener = _Listener(conninfo, kwargs, self._s.channel)
+        self._schema_checked = False  # checked by migrate() or the first checkout
 
     @property
     def lease_duration(self) -> float:
@@ -584,9 +585,28 @@ class PostgresStore:
         return f"PostgresStore(schema={self._s.schema!r}, table={self._s.table!r})"
 
     def migrate(self) -> list[int]:
-        """Create or upgrade the outbox schema; return the versions applied."""
+        """Create or upgrade the outbox schema; return the versions applied.
+
+        Raises:
+            SchemaTooNew: a newer outboxbind migrated the outbox; nothing is changed.
+        """
         with self.pool.connection() as conn:
-            return migrate(conn, schema=self._s.schema, table=self._s.table)
+            applied = migrate(conn, schema=self._s.schema, table=self._s.table)
+        self._schema_checked = True
+        return applied
+
+    def schema_version(self) -> int | None:
+        """The outbox schema version recorded in the database (``None``: never migrated).
+
+        The first checkout asks it too, so a relay refuses to start on a schema it does not know.
+
+        Raises:
+            SchemaTooNew: a newer outboxbind migrated the outbox.
+        """
+        with self.pool.connection() as conn:
+            version = check_version(conn, schema=self._s.schema, table=self._s.table)
+        self._schema_checked = True
+        return version
 
     def _run(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         with self.pool.connection() as conn:
@@ -599,7 +619,13 @@ class PostgresStore:
         Two statements in one round trip and one transaction, committed before anything is
         published: the claim leases the sequences, then the read takes their messages with a
         fresh snapshot (each statement has its own under ``READ COMMITTED``).
+
+        Raises:
+            SchemaTooNew: at the store's first checkout, when a newer outboxbind migrated the
+                outbox.
         """
+        if not self._schema_checked:
+            self.schema_version()
         return self._checkout(topic_names, limit)
 
     def _checkout(
@@ -749,6 +775,7 @@ class AsyncPostgresStore:
         )
         conninfo, kwargs = (listen_conninfo, {}) if listen_conninfo else _conninfo_of(pool)
         self._listener = _Listener(conninfo, kwargs, self._s.channel)
+        self._schema_checked = False  # checked by migrate() or the first checkout
 
     @property
     def lease_duration(self) -> float:
@@ -759,14 +786,28 @@ class AsyncPostgresStore:
         return f"AsyncPostgresStore(schema={self._s.schema!r}, table={self._s.table!r})"
 
     async def migrate(self) -> list[int]:
-        """Create or upgrade the outbox schema; return the versions applied."""
+        """See :meth:`PostgresStore.migrate`."""
         conninfo, kwargs = self._listener.conninfo, self._listener.kwargs
 
         def run() -> list[int]:
             with psycopg.connect(conninfo, **kwargs) as conn:
                 return migrate(conn, schema=self._s.schema, table=self._s.table)
 
-        return await asyncio.to_thread(run)
+        applied = await asyncio.to_thread(run)
+        self._schema_checked = True
+        return applied
+
+    async def schema_version(self) -> int | None:
+        """See :meth:`PostgresStore.schema_version`."""
+        conninfo, kwargs = self._listener.conninfo, self._listener.kwargs
+
+        def run() -> int | None:  # one connection of its own, as migrate() has
+            with psycopg.connect(conninfo, **kwargs) as conn:
+                return check_version(conn, schema=self._s.schema, table=self._s.table)
+
+        version = await asyncio.to_thread(run)
+        self._schema_checked = True
+        return version
 
     async def _run(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         async with self.pool.connection() as conn:
@@ -778,6 +819,8 @@ class AsyncPostgresStore:
         self, topic_names: Sequence[str], limit: int
     ) -> AsyncPostgresBatch | None:
         """See :meth:`PostgresStore.checkout_batch`."""
+        if not self._schema_checked:
+            await self.schema_version()
         return await self._checkout(topic_names, limit)
 
     async def _checkout(

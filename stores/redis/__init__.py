@@ -8,6 +8,12 @@ promise, how to write data and message all-or-nothing with a Lua script, and whi
 settings keep committed entries across a crash.
 """
 
+from outboxbind._extras import needs_extra
+
+# checked here, before any module of the package imports it (importing one runs this first)
+with needs_extra("redis", __name__):
+    import redis  # noqa: F401
+
 from outboxbind.stores.redis._scripts import wakeup_channel
 from outboxbind.stores.redis.persister import (
     AsyncRedisPersister,

@@ -13,15 +13,27 @@ from outboxbind.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "SCHEMA_VERSION",
     "check_prefix",
     "decode_name",
     "encode_name",
     "new_id",
+    "schema_key",
     "script",
     "wakeup_channel",
 ]
 
 DEFAULT_PREFIX = "outboxbind"
+
+SCHEMA_VERSION = 1
+"""The version of the key layout and scripts this outboxbind ships (``scripts.lua``). A store's
+``migrate()`` records it under :func:`schema_key`; an outbox with a higher one recorded was
+written by a newer outboxbind, and the store refuses it."""
+
+
+def schema_key(prefix: str) -> str:
+    """The key that records the layout version of the outbox under ``prefix``."""
+    return f"{prefix}:schema"
 
 
 def check_prefix(prefix: str) -> str:

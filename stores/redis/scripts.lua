@@ -15,6 +15,7 @@
 --   P:x:<th>         zset id -> pos: a topic's dead letters (parked and blocked)
 --   P:dl             zset id -> pos: every dead letter
 --   P:topics         set of th: the topics ever written
+--   P:schema         string: the layout version (SCHEMA_VERSION in _scripts.py), set by migrate()
 
 -- name: common
 local P = ARGV[1]

@@ -21,7 +21,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from outboxbind.errors import ConfigurationError, LeaseLost
+from outboxbind.errors import ConfigurationError, LeaseLost, SchemaTooNew
 from outboxbind.messages import PersistedMessage
 from outboxbind.store import (
     AsyncBufferedBatch,
@@ -33,9 +33,11 @@ from outboxbind.store import (
 )
 from outboxbind.stores.redis._scripts import (
     DEFAULT_PREFIX,
+    SCHEMA_VERSION,
     check_prefix,
     decode_name,
     encode_name,
+    schema_key,
     script,
     wakeup_channel,
 )
@@ -81,6 +83,14 @@ class _Logic:
         self.lease_duration = float(lease_duration)
         self.clock = clock
         self.channel = wakeup_channel(self.prefix)
+
+    def checked_version(self, recorded: bytes | str | None) -> int | None:
+        """The layout version recorded under the prefix (``None``: never migrated), after
+        checking this code knows it (else :class:`SchemaTooNew`)."""
+        text = _text(recorded)
+        version = int(text) if text else None
+        SchemaTooNew.check(f"Redis outbox under {self.prefix!r}", version, SCHEMA_VERSION)
+        return version
 
     def now_arg(self) -> str:
         """The time the scripts use: the test clock's, or '' for the server's ``TIME``."""
@@ -373,6 +383,7 @@ class RedisStore:
         self._subscriber = _Subscriber(
             wakeup_client or _listener_client_factory(client), self._l.channel
         )
+        self._schema_checked = False  # checked by migrate() or the first checkout
 
     @property
     def prefix(self) -> str:
@@ -387,6 +398,36 @@ class RedisStore:
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self._l.prefix!r})"
 
+    def migrate(self) -> list[int]:
+        """Record the key layout's version under the prefix; return ``[version]`` if this
+        recorded it, ``[]`` if it was there already.
+
+        Redis needs no other set-up: the keys are made as entries are written. The record lets
+        an older outboxbind refuse an outbox a newer one has changed.
+
+        Raises:
+            SchemaTooNew: a newer outboxbind recorded a newer layout; nothing is changed.
+        """
+        key = schema_key(self._l.prefix)
+        if self.client.set(key, SCHEMA_VERSION, nx=True):
+            self._schema_checked = True
+            return [SCHEMA_VERSION]
+        self.schema_version()
+        return []
+
+    def schema_version(self) -> int | None:
+        """The layout version recorded under the prefix (``None``: never migrated).
+
+        The first checkout asks it too, so a relay refuses to start on a layout it does not
+        know.
+
+        Raises:
+            SchemaTooNew: a newer outboxbind recorded a newer layout.
+        """
+        version = self._l.checked_version(self.client.get(schema_key(self._l.prefix)))
+        self._schema_checked = True
+        return version
+
     def _run(self, name: str, args: list[str]) -> Any:
         return self._scripts[name](keys=[], args=args)
 
@@ -398,6 +439,8 @@ class RedisStore:
         """
         if not topic_names or limit <= 0:
             return None
+        if not self._schema_checked:
+            self.schema_version()
         reply = self._run("checkout", self._l.checkout_args(topic_names, limit))
         taken = self._l.checked_out(reply, limit)
         if taken is None:
@@ -463,6 +506,7 @@ class AsyncRedisStore:
         self._subscriber = _Subscriber(
             wakeup_client or _listener_client_factory(client), self._l.channel
         )
+        self._schema_checked = False  # checked by migrate() or the first checkout
 
     @property
     def prefix(self) -> str:
@@ -477,6 +521,21 @@ class AsyncRedisStore:
     def __repr__(self) -> str:
         return f"AsyncRedisStore(prefix={self._l.prefix!r})"
 
+    async def migrate(self) -> list[int]:
+        """See :meth:`RedisStore.migrate`."""
+        key = schema_key(self._l.prefix)
+        if await self.client.set(key, SCHEMA_VERSION, nx=True):
+            self._schema_checked = True
+            return [SCHEMA_VERSION]
+        await self.schema_version()
+        return []
+
+    async def schema_version(self) -> int | None:
+        """See :meth:`RedisStore.schema_version`."""
+        version = self._l.checked_version(await self.client.get(schema_key(self._l.prefix)))
+        self._schema_checked = True
+        return version
+
     async def _run(self, name: str, args: list[str]) -> Any:
         return await cast(Any, self._scripts[name])(keys=[], args=args)
 
@@ -486,6 +545,8 @@ class AsyncRedisStore:
         """See :meth:`RedisStore.checkout_batch`."""
         if not topic_names or limit <= 0:
             return None
+        if not self._schema_checked:
+            await self.schema_version()
         reply = await self._run("checkout", self._l.checkout_args(topic_names, limit))
         taken = self._l.checked_out(reply, limit)
         if taken is None:

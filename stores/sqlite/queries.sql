@@ -136,3 +136,11 @@ CREATE TABLE IF NOT EXISTS {migrations} (
     name        TEXT NOT NULL,
     applied_at  REAL NOT NULL
 )
+
+-- name: has_table
+-- Whether the database holds a table of this name (unquoted, as created).
+SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name)
+
+-- name: schema_version
+-- The newest schema version applied (NULL when none is).
+SELECT MAX(version) FROM {migrations}

@@ -8,9 +8,17 @@ import sqlite3
 import time
 from importlib.resources import files
 
+from outboxbind.errors import SchemaTooNew
 from outboxbind.sql import check_identifier, load_queries, quote_identifier, render
 
-__all__ = ["Queries", "migrate", "queries_for"]
+__all__ = [
+    "Queries",
+    "check_version",
+    "migrate",
+    "newest_version",
+    "queries_for",
+    "recorded_version",
+]
 
 _HERE = files(__package__)
 
@@ -46,6 +54,38 @@ def _migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def newest_version() -> int:
+    """The newest schema version this outboxbind ships (its last migration's number)."""
+    return _migration_files()[-1][0]
+
+
+def recorded_version(conn: sqlite3.Connection, table: str = "outbox") -> int | None:
+    """The newest schema version applied to the outbox ``table`` (``None``: never migrated)."""
+    queries = queries_for(table)
+    if not conn.execute(
+        queries["has_table"], {"name": _identifiers(table)["migrations"]}
+    ).fetchone()[0]:
+        return None
+    version: int | None = conn.execute(queries["schema_version"]).fetchone()[0]
+    return version
+
+
+def check_version(conn: sqlite3.Connection, table: str = "outbox") -> int | None:
+    """The recorded schema version of the outbox ``table``, after checking this code knows it.
+
+    Raises:
+        SchemaTooNew: a newer outboxbind migrated the outbox.
+    """
+    found = recorded_version(conn, table)
+    SchemaTooNew.check(_where(conn, table), found, newest_version())
+    return found
+
+
+def _where(conn: sqlite3.Connection, table: str) -> str:
+    files_ = [row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"]
+    return f"SQLite database {files_[0] if files_ else ''!r}, table {table!r}"
+
+
 def _statements(script: str) -> list[str]:
     statements, current = [], ""
     for line in script.splitlines(keepends=True):
@@ -65,6 +105,9 @@ def migrate(conn: sqlite3.Connection, table: str = "outbox") -> list[int]:
 
     Runs in one ``BEGIN IMMEDIATE`` transaction, so concurrent callers (two relays starting at
     once) apply each version once. ``conn`` must not be inside a transaction.
+
+    Raises:
+        SchemaTooNew: a newer outboxbind migrated the outbox; nothing is changed.
     """
     queries = queries_for(table)
     identifiers = {k: quote_identifier(v) for k, v in _identifiers(table).items()}
@@ -74,6 +117,7 @@ def migrate(conn: sqlite3.Connection, table: str = "outbox") -> list[int]:
     try:
         conn.execute(queries["create_migrations_table"])
         done = {row[0] for row in conn.execute(queries["applied_migrations"])}
+        SchemaTooNew.check(_where(conn, table), max(done, default=None), newest_version())
         applied = []
         for version, name, script in _migration_files():
             if version in done:

@@ -9,6 +9,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from outboxbind.store import (
     round_robin,
 )
 from outboxbind.stores.sqlite.persister import wakeup_channel
-from outboxbind.stores.sqlite.schema import migrate, queries_for
+from outboxbind.stores.sqlite.schema import check_version, migrate, queries_for
 from outboxbind.wakeup import WakeupThread
 
 __all__ = ["SQLiteBatch", "SQLiteStore"]
@@ -70,6 +71,37 @@ def _readable_message(row: Sequence[Any]) -> PersistedMessage:
         )
 
 
+def _connect(path: str, busy_timeout: float, *, create: bool) -> sqlite3.Connection:
+    """Open the store's connection, with clear errors for a file that cannot be one."""
+    if create:
+        target, uri = path, False
+    else:  # mode=rw: open an existing file, never create one
+        target, uri = f"file:{urllib.parse.quote(path)}?mode=rw", True
+    try:
+        conn = sqlite3.connect(
+            target, timeout=busy_timeout, isolation_level=None, check_same_thread=False, uri=uri
+        )
+        conn.execute("PRAGMA schema_version").fetchone()  # reads the header: is it a database?
+    except sqlite3.DatabaseError as exc:
+        if not os.path.exists(path):
+            folder = os.path.dirname(os.path.abspath(path))
+            if create:
+                raise ConfigurationError(
+                    f"cannot create the SQLite database {path!r}: the folder {folder!r} "
+                    + ("does not exist" if not os.path.isdir(folder) else f"refused it ({exc})")
+                ) from exc
+            missing = "" if os.path.isdir(folder) else f" (the folder {folder!r} does not exist)"
+            raise ConfigurationError(f"no database at {path!r}{missing}") from exc
+        raise _not_a_database(path, exc) from exc
+    return conn
+
+
+def _not_a_database(path: str, error: sqlite3.DatabaseError) -> ConfigurationError:
+    if os.path.isdir(path):
+        return ConfigurationError(f"{path!r} is a folder, not an SQLite database file")
+    return ConfigurationError(f"cannot use {path!r} as an SQLite database: {error}")
+
+
 class SQLiteStore:
     """An outbox in an SQLite database file, shared by writers and relays of any process.
 
@@ -78,15 +110,24 @@ class SQLiteStore:
     relay that dies mid-batch holds nothing for longer than that.
 
     Args:
-        path: the database file (created if missing).
+        path: the database file (created if missing, unless ``create`` is false).
         table: the outbox table name; its companions are ``<table>_dead_letters``,
             ``<table>_leases`` and ``<table>_migrations``.
         lease_duration: seconds a batch holds its sequences; must exceed the relay's publish
             timeout.
         busy_timeout: seconds to wait for another connection's write lock.
         migrate: create or upgrade the schema on open.
+        create: create the database file when it is missing. When false, the file must exist
+            and hold an outbox (for commands that only inspect or repair one): nothing is
+            created, and a missing file or an outbox never migrated is a
+            :class:`~outboxbind.errors.ConfigurationError`.
         clock: the time source in unix seconds (tests pass a fake one).
         owner: the name recorded on leases (default: host pid and a random suffix).
+
+    Raises:
+        ConfigurationError: the file cannot be opened, is not an SQLite database, or (with
+            ``create=False``) is missing or holds no outbox.
+        SchemaTooNew: the outbox was migrated by a newer outboxbind.
     """
 
     def __init__(
@@ -97,6 +138,7 @@ class SQLiteStore:
         lease_duration: float = 60.0,
         busy_timeout: float = 30.0,
         migrate: bool = True,
+        create: bool = True,
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
     ) -> None:
@@ -109,23 +151,51 @@ class SQLiteStore:
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
         self._q = queries_for(table)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn = _connect(self.path, busy_timeout, create=create)
         self._cursor: SequenceKey | None = None  # where the last checkout's sequence walk ended
         self._watcher: _CommitWatcher | None = None
-        if migrate:
-            self.migrate()
+        self._schema_checked = False
+        try:
+            if not create and self.schema_version() is None:
+                raise ConfigurationError(
+                    f"no outbox (table {table!r}) in the SQLite database {self.path!r}: create "
+                    "it with `outboxbind migrate sqlite:///PATH` or SQLiteStore(path)"
+                )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            if migrate:
+                self.migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
 
     def migrate(self) -> list[int]:
-        """Create or upgrade the outbox schema; return the versions applied."""
+        """Create or upgrade the outbox schema; return the versions applied.
+
+        Raises:
+            SchemaTooNew: a newer outboxbind migrated the outbox; nothing is changed.
+        """
         with self._lock:
-            return migrate(self._conn, self.table)
+            applied = migrate(self._conn, self.table)
+            self._schema_checked = True
+            return applied
+
+    def schema_version(self) -> int | None:
+        """The outbox schema version recorded in the database (``None``: never migrated).
+
+        Raises:
+            SchemaTooNew: a newer outboxbind migrated the outbox.
+        """
+        with self._lock:
+            try:
+                version = check_version(self._conn, self.table)
+            except sqlite3.DatabaseError as exc:
+                raise _not_a_database(self.path, exc) from exc
+            self._schema_checked = True
+            return version
 
     def close(self) -> None:
         """Close the store's connection."""
@@ -154,6 +224,8 @@ class SQLiteStore:
         """
         if not topic_names or limit <= 0:
             return None
+        if not self._schema_checked:
+            self.schema_version()  # a relay refuses to start on a schema it does not know
         topics = sorted(set(topic_names))
         if not self._anything_due(topics):
             return None
