@@ -477,6 +477,14 @@ CREATE TABLE IF NOT EXISTS {migrations} (
 -- Serialize concurrent migrations of this outbox (released at commit).
 SELECT pg_advisory_xact_lock(hashtextextended({migrations_literal}, 0))
 
+-- name: migrations_table_exists
+-- Whether this outbox was ever migrated (its migrations table exists).
+SELECT to_regclass({migrations_literal}) IS NOT NULL
+
+-- name: schema_version
+-- The newest schema version applied (NULL: none).
+SELECT max(version) FROM {migrations}
+
 -- name: applied_migrations
 -- The schema versions already applied.
 SELECT version FROM {migrations}

@@ -103,12 +103,12 @@ def recorded_version(
 ) -> int | None:
     """The newest schema version applied to the outbox ``schema.table`` (``None``: never
     migrated)."""
-    names = names_for(schema, table)
-    exists = conn.execute(f"SELECT to_regclass({names['migrations_literal']}) IS NOT NULL")
-    if not exists.fetchone()[0]:  # type: ignore[index]
+    queries = queries_for(schema, table)
+    exists = conn.execute(queries["migrations_table_exists"]).fetchone()
+    if exists is None or not exists[0]:
         return None
-    row = conn.execute(f"SELECT max(version) FROM {names['migrations']}").fetchone()
-    return row[0] if row is not None else None
+    row = conn.execute(queries["schema_version"]).fetchone()
+    return None if row is None else row[0]
 
 
 def check_version(
