@@ -7,8 +7,10 @@ Stores are named by URL: ``sqlite:///relative/path.db`` or ``sqlite:////absolute
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -23,6 +25,11 @@ from outboxbind.relay import Relay
 from outboxbind.store import DeadLetterAdmin
 
 __all__ = ["main", "open_store"]
+
+#: ``outboxbind relay`` exit statuses (2 is a configuration error, as for every command).
+EXIT_DRAINED = 0  # stopped by a signal, after publishing everything due
+EXIT_NOT_DRAINED = 3  # stopped, but the drain did not finish within --drain-timeout
+EXIT_FORCED = 4  # a second signal during the drain: exited at once
 
 
 def open_store(url: str, *, migrate: bool = True) -> Any:
@@ -57,25 +64,50 @@ def _admin(url: str) -> DeadLetterAdmin:
     return store
 
 
+def _exit_at_once(signum: int) -> None:
+    """A second signal: exit now, whatever the relay's threads are waiting for."""
+    message = f"signal {signum} again: exiting at once, without draining\n"
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # the signal interrupted a write: exit all the same
+            stream.flush()
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    finally:
+        os._exit(EXIT_FORCED)
+
+
 def _relay(args: argparse.Namespace) -> int:
     relay = _load_relay(args.factory)
     stopping = threading.Event()
+    drained: list[bool] = []
+    stopper = threading.Thread(
+        target=lambda: drained.append(relay.stop(drain=True, timeout=args.drain_timeout)),
+        name="outboxbind-stop",
+        daemon=True,
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         if stopping.is_set():
-            return
+            _exit_at_once(signum)
         stopping.set()
         print(f"signal {signum}: draining (up to {args.drain_timeout}s)", file=sys.stderr)
-        threading.Thread(
-            target=relay.stop, kwargs={"drain": True, "timeout": args.drain_timeout}, daemon=True
-        ).start()
+        stopper.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"relaying topics {', '.join(sorted(relay.topics))}", file=sys.stderr)
     relay.poll_for_messages(args.batch_size)
+    if stopping.is_set():
+        stopper.join()  # stop() returns once the loop has ended: at once, or within its grace
     print(f"stopped: {json.dumps(relay.totals)}", file=sys.stderr)
-    return 0
+    if drained == [False]:
+        print(
+            f"not drained within {args.drain_timeout}s (drain timed out, or the store failed): "
+            "what was not published stays in the outbox for the next relay",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_DRAINED
+    return EXIT_DRAINED
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -125,7 +157,13 @@ def _parser() -> argparse.ArgumentParser:
     relay = commands.add_parser("relay", help="run a relay until SIGTERM/SIGINT, then drain")
     relay.add_argument("factory", help="'module:function' returning a configured Relay")
     relay.add_argument("--batch-size", type=int, default=100)
-    relay.add_argument("--drain-timeout", type=float, default=30.0)
+    relay.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to drain after SIGTERM/SIGINT (exit status 0 drained, 3 not drained; "
+        "a second signal exits at once with 4)",
+    )
     relay.set_defaults(run=_relay)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")

@@ -142,20 +142,37 @@ class ProcessResult:
 
 
 class StopControl:
-    """Shared between a running poll loop and ``stop()``: whether and how to stop."""
+    """Shared between a running poll loop and ``stop()``: whether and how to stop.
+
+    Attributes:
+        requested: ``stop()`` was called.
+        drain: publish everything due before stopping (else only finish the round).
+        deadline: when a drain ends, drained or not (``time.monotonic()``).
+        given_up: ``stop()`` waited its timeout: the driver stops waiting for the topics, the
+            round in progress records what is known and releases the rest, and the loop ends.
+        drained: set by the poll loop when it ended because a round begun after the request
+            found nothing due.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.drain = True
         self.deadline = float("inf")
+        self.given_up = False
+        self.drained = False
 
     def request(self, *, drain: bool, timeout: float | None) -> None:
         self.requested = True
         self.drain = drain
         self.deadline = time.monotonic() + timeout if timeout is not None else float("inf")
 
+    def give_up(self) -> None:
+        self.given_up = True
+
     def should_stop_now(self) -> bool:
-        return self.requested and (not self.drain or time.monotonic() >= self.deadline)
+        return self.given_up or (
+            self.requested and (not self.drain or time.monotonic() >= self.deadline)
+        )
 
 
 SequenceKey = tuple[str, str]
@@ -452,7 +469,8 @@ class RelayEngine:
             progressed = result.successes + result.errors > 0  # not only released messages
             if control.requested:
                 if stopping and not progressed:
-                    break  # drained: nothing is due, or nothing can be published now
+                    control.drained = True  # nothing is due, or nothing can be published now
+                    break
                 continue
             if progressed:
                 continue  # more may be waiting (a batch is not always full when more is)
