@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,8 @@ __all__ = ["main", "open_store"]
 EXIT_DRAINED = 0  # stopped by a signal, after publishing everything due
 EXIT_NOT_DRAINED = 3  # stopped, but the drain did not finish within --drain-timeout
 EXIT_FORCED = 4  # a second signal during the drain: exited at once
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def open_store(url: str, *, migrate: bool = True) -> Any:
@@ -152,6 +155,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outboxbind", description=__doc__)
+    parser.add_argument("--log-level", **_log_level_option("INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     relay = commands.add_parser("relay", help="run a relay until SIGTERM/SIGINT, then drain")
@@ -164,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to drain after SIGTERM/SIGINT (exit status 0 drained, 3 not drained; "
         "a second signal exits at once with 4)",
     )
+    relay.add_argument("--log-level", **_log_level_option(argparse.SUPPRESS))
     relay.set_defaults(run=_relay)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
@@ -187,6 +192,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level_option(default: str) -> dict[str, Any]:
+    return {
+        "default": default,
+        "type": str.upper,
+        "choices": ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        "help": "log to stderr from this level on (default: INFO)",
+    }
+
+
+def _configure_logging(level: str) -> None:
+    """The command's logging: to stderr, from ``level`` on; the library itself configures none.
+    A no-op when the process has configured logging already (embedding, tests)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -196,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo(argv[1:])
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    _configure_logging(args.log_level)
     try:
         return run(args)
     except (OutboxError, ImportError, AttributeError, ValueError) as exc:
