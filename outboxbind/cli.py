@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 
 from outboxbind.errors import ConfigurationError, OutboxError
-from outboxbind.relay import Relay
+from outboxbind.relay import RELEASE_GRACE, Relay
 from outboxbind.store import DeadLetterAdmin
 
 __all__ = ["main", "open_store"]
@@ -80,30 +80,45 @@ def _exit_at_once(signum: int) -> None:
 
 
 def _relay(args: argparse.Namespace) -> int:
+    """Poll in a thread while the main thread waits for signals: the main thread is then never
+    stuck in a call (a hung topic, a store waiting for a lock) when a signal comes."""
     relay = _load_relay(args.factory)
-    stopping = threading.Event()
-    drained: list[bool] = []
-    stopper = threading.Thread(
-        target=lambda: drained.append(relay.stop(drain=True, timeout=args.drain_timeout)),
-        name="outboxbind-stop",
-        daemon=True,
-    )
+    signalled = threading.Event()
+    wake = threading.Event()  # a signal came, or the poll loop ended
+    failure: list[BaseException] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        if stopping.is_set():
+        if signalled.is_set():
             _exit_at_once(signum)
-        stopping.set()
+        signalled.set()
         print(f"signal {signum}: draining (up to {args.drain_timeout}s)", file=sys.stderr)
-        stopper.start()
+        wake.set()
+
+    def poll() -> None:
+        try:
+            relay.poll_for_messages(args.batch_size)
+        except BaseException as exc:  # raised again in the main thread
+            failure.append(exc)
+        finally:
+            wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"relaying topics {', '.join(sorted(relay.topics))}", file=sys.stderr)
-    relay.poll_for_messages(args.batch_size)
-    if stopping.is_set():
-        stopper.join()  # stop() returns once the loop has ended: at once, or within its grace
+    poller = threading.Thread(target=poll, name="outboxbind-relay", daemon=True)
+    poller.start()
+    while not wake.wait(1.0):  # a timed wait, so that signals are handled on every platform
+        pass
+    drained = relay.stop(drain=True, timeout=args.drain_timeout) if signalled.is_set() else True
+    stuck = relay.is_polling  # stop() gave up, and waited for the loop in vain
+    if not stuck:
+        poller.join(RELEASE_GRACE)  # the loop has ended: let its thread finish
+    if failure:
+        raise failure[0]
     print(f"stopped: {json.dumps(relay.totals)}", file=sys.stderr)
-    if drained == [False]:
+    if stuck:  # a daemon thread: it does not hold up the exit
+        print("the poll loop is stuck in a call that ignores the stop; leaving it", file=sys.stderr)
+    if not drained or stuck:
         print(
             f"not drained within {args.drain_timeout}s (drain timed out, or the store failed): "
             "what was not published stays in the outbox for the next relay",

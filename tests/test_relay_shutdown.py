@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,7 @@ def _start_hung_relay(tmp_path: Path, drain_timeout: float) -> tuple[subprocess.
     return process, db
 
 
-def _wait_for_exit(process: subprocess.Popen[str], limit: float) -> tuple[int | None, float, str]:
+def _wait_for_exit(process: subprocess.Popen[Any], limit: float) -> tuple[int | None, float, str]:
     """Wait up to ``limit`` seconds; return the exit code (None: still alive), time and stderr."""
     started = time.monotonic()
     try:
@@ -216,8 +217,8 @@ def _wait_for_exit(process: subprocess.Popen[str], limit: float) -> tuple[int | 
         elapsed = time.monotonic() - started
         process.kill()
         _, err = process.communicate()
-        return None, elapsed, err
-    return process.returncode, time.monotonic() - started, err
+        return None, elapsed, err or ""
+    return process.returncode, time.monotonic() - started, err or ""
 
 
 @pytest.mark.slow
@@ -257,3 +258,55 @@ def test_shutdown_relay_command_exits_at_once_on_a_second_signal(tmp_path: Path)
     assert code == 4, err  # forced
     assert elapsed < 1.0
     assert "exiting at once" in err
+
+
+@pytest.mark.slow
+def test_shutdown_relay_command_exits_within_the_drain_timeout_when_the_store_stalls(
+    tmp_path: Path,
+) -> None:
+    """The relay is stuck in a store call (SQLite waits up to ``busy_timeout`` for a lock that
+    another connection holds): the signal is still handled and the process still exits."""
+    db = tmp_path / "app.db"
+    SQLiteStore(db).close()
+    (tmp_path / "stalled_outbox.py").write_text(
+        textwrap.dedent(
+            f"""
+            from outboxbind import JsonCodec, Relay
+            from outboxbind.stores.sqlite import SQLiteStore
+            from outboxbind.topics.memory import InMemoryTopic
+
+            def make_relay() -> Relay:
+                relay = Relay(SQLiteStore({str(db)!r}, busy_timeout=30), poll_interval=0.05)
+                relay.register_topic(InMemoryTopic("orders", JsonCodec()))
+                return relay
+            """
+        )
+    )
+    err_path = tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "outboxbind.cli", "relay", "stalled_outbox:make_relay"]
+    with err_path.open("w") as err_file:
+        process = subprocess.Popen(
+            [*command, "--drain-timeout", "1"], cwd=tmp_path, stderr=err_file
+        )
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        deadline = time.monotonic() + 20
+        while "relaying topics" not in err_path.read_text():
+            assert time.monotonic() < deadline, "the relay did not start"
+            time.sleep(0.02)
+        conn.execute("BEGIN")
+        due = datetime.now(UTC) + timedelta(seconds=1)
+        bind(order_topic(), persister(conn)).publish(OrderPlaced(1, "ann"), deliver_after=due)
+        conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")  # the write lock, held: the checkout at 1 s waits for it
+        time.sleep(2)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        code, elapsed, _ = _wait_for_exit(process, 15)
+    finally:
+        process.kill()
+        conn.close()
+    err = err_path.read_text()
+    print(f"exit code {code} after {elapsed:.2f}s\n{err}")
+    assert code == 3, err
+    assert elapsed < 1 + 2.5
