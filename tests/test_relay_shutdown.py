@@ -8,6 +8,7 @@ until the test lets it go); the stores are real.
 from __future__ import annotations
 
 import asyncio
+import operator
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from outboxbind import AsyncRelay, PersistedMessage, Relay, bind
+from outboxbind.relay.threads import DaemonThreadPool
 from outboxbind.store import Store
 from outboxbind.stores.postgres import PostgresStore
 from outboxbind.stores.postgres import persister as pg_persister
@@ -310,3 +312,23 @@ def test_shutdown_relay_command_exits_within_the_drain_timeout_when_the_store_st
     print(f"exit code {code} after {elapsed:.2f}s\n{err}")
     assert code == 3, err
     assert elapsed < 1 + 2.5
+
+
+def test_shutdown_publish_threads_are_daemons_that_report_results_and_errors() -> None:
+    """The pool behind the relay's publish calls: a stuck call must not hold up the exit."""
+    pool = DaemonThreadPool(2, "test-pool")
+    release = threading.Event()
+    stuck = pool.submit(release.wait, 30)
+    assert pool.submit(lambda: 41 + 1).result(5) == 42
+    failing = pool.submit(operator.truediv, 1, 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(5)
+    busy = [thread for thread in threading.enumerate() if thread.name.startswith("test-pool")]
+    assert len(busy) == 2  # no more than max_workers
+    assert all(thread.daemon for thread in busy)
+    queued = pool.submit(lambda: 0)
+    assert not stuck.done()
+    pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    assert stuck.result(5) is True
+    assert queued.cancelled() or queued.result(5) == 0
