@@ -104,9 +104,10 @@ def _busy(topic: Topic[Any], messages: list[PersistedMessage]) -> list[PublishOu
 
 
 def _cut_short(topic: Topic[Any], messages: list[PersistedMessage]) -> list[PublishOutcome]:
-    """The outcomes of a call the relay stopped waiting for because ``stop()`` gave up: released
-    without an attempt; published or not, the messages stay in the outbox (at least once)."""
-    error = NotAttempted(f"the relay stopped before {topic!r} answered")
+    """The outcomes of a call the relay did not wait for, or did not make, because a stop's
+    deadline passed: released without an attempt; published or not, the messages stay in the
+    outbox (at least once)."""
+    error = NotAttempted(f"the relay stopped before {topic!r} confirmed the message")
     return [error] * len(messages)
 
 
@@ -403,6 +404,8 @@ class Relay(_RelayBase):
             self._executor = DaemonThreadPool(self._publish_concurrency, "outboxbind-publish")
         # one deadline for the whole round: waits on successive topics must not add up
         wait_for, stop_bounds = _publish_wait(effect.timeout, self._control)
+        if stop_bounds and wait_for <= 0:  # the stop's deadline has passed: start nothing more
+            return [_cut_short(topic, msgs) for topic, msgs in effect.groups]
         deadline = time.monotonic() + wait_for
         futures = {
             index: self._executor.submit(_publish_group, topic, msgs, effect.timeout)
@@ -650,6 +653,9 @@ class AsyncRelay(_RelayBase):
     ) -> list[PublishOutcome]:
         if topic.name in self._busy_topics:
             return _busy(topic, messages)
+        wait_for, stop_bounds = _publish_wait(timeout, self._control)
+        if stop_bounds and wait_for <= 0:  # the stop's deadline has passed: start nothing more
+            return _cut_short(topic, messages)
         native = topic.async_native
         if native:
             call: asyncio.Future[Any] = asyncio.ensure_future(
@@ -659,7 +665,6 @@ class AsyncRelay(_RelayBase):
             call = asyncio.get_running_loop().run_in_executor(
                 self._executor, functools.partial(_publish_group, topic, messages, timeout)
             )
-        wait_for, stop_bounds = _publish_wait(timeout, self._control)
         give_up = self._give_up
         waits: set[asyncio.Future[Any]] = {call} if give_up is None else {call, give_up}
         await asyncio.wait(waits, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
