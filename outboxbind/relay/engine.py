@@ -42,6 +42,7 @@ __all__ = [
     "RelayEngine",
     "Sleep",
     "StopControl",
+    "StoreOutage",
 ]
 
 log = logging.getLogger("outboxbind.relay")
