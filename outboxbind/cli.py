@@ -8,8 +8,11 @@ outbox; ``status`` and ``dead-letters`` refuse a database that does not exist or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -20,10 +23,17 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 
 from outboxbind.errors import ConfigurationError, OutboxError
-from outboxbind.relay import Relay
+from outboxbind.relay import RELEASE_GRACE, Relay
 from outboxbind.store import DeadLetterAdmin
 
 __all__ = ["main", "open_store"]
+
+#: ``outboxbind relay`` exit statuses (2 is a configuration error, as for every command).
+EXIT_DRAINED = 0  # stopped by a signal, after publishing everything due
+EXIT_NOT_DRAINED = 3  # stopped, but the drain did not finish within --drain-timeout
+EXIT_FORCED = 4  # a second signal during the drain: exited at once
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def open_store(url: str, *, migrate: bool = True, create: bool = True) -> Any:
@@ -74,25 +84,65 @@ def _admin(url: str) -> DeadLetterAdmin:
     return store
 
 
+def _exit_at_once(signum: int) -> None:
+    """A second signal: exit now, whatever the relay's threads are waiting for."""
+    message = f"signal {signum} again: exiting at once, without draining\n"
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # the signal interrupted a write: exit all the same
+            stream.flush()
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    finally:
+        os._exit(EXIT_FORCED)
+
+
 def _relay(args: argparse.Namespace) -> int:
+    """Poll in a thread while the main thread waits for signals: the main thread is then never
+    stuck in a call (a hung topic, a store waiting for a lock) when a signal comes."""
     relay = _load_relay(args.factory)
-    stopping = threading.Event()
+    signalled = threading.Event()
+    wake = threading.Event()  # a signal came, or the poll loop ended
+    failure: list[BaseException] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        if stopping.is_set():
-            return
-        stopping.set()
+        if signalled.is_set():
+            _exit_at_once(signum)
+        signalled.set()
         print(f"signal {signum}: draining (up to {args.drain_timeout}s)", file=sys.stderr)
-        threading.Thread(
-            target=relay.stop, kwargs={"drain": True, "timeout": args.drain_timeout}, daemon=True
-        ).start()
+        wake.set()
+
+    def poll() -> None:
+        try:
+            relay.poll_for_messages(args.batch_size)
+        except BaseException as exc:  # raised again in the main thread
+            failure.append(exc)
+        finally:
+            wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"relaying topics {', '.join(sorted(relay.topics))}", file=sys.stderr)
-    relay.poll_for_messages(args.batch_size)
+    poller = threading.Thread(target=poll, name="outboxbind-relay", daemon=True)
+    poller.start()
+    while not wake.wait(1.0):  # a timed wait, so that signals are handled on every platform
+        pass
+    drained = relay.stop(drain=True, timeout=args.drain_timeout) if signalled.is_set() else True
+    stuck = relay.is_polling  # stop() gave up, and waited for the loop in vain
+    if not stuck:
+        poller.join(RELEASE_GRACE)  # the loop has ended: let its thread finish
+    if failure:
+        raise failure[0]
     print(f"stopped: {json.dumps(relay.totals)}", file=sys.stderr)
-    return 0
+    if stuck:  # a daemon thread: it does not hold up the exit
+        print("the poll loop is stuck in a call that ignores the stop; leaving it", file=sys.stderr)
+    if not drained or stuck:
+        print(
+            f"not drained within {args.drain_timeout}s (drain timed out, or the store failed): "
+            "what was not published stays in the outbox for the next relay",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_DRAINED
+    return EXIT_DRAINED
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -137,12 +187,20 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outboxbind", description=__doc__)
+    parser.add_argument("--log-level", **_log_level_option("INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     relay = commands.add_parser("relay", help="run a relay until SIGTERM/SIGINT, then drain")
     relay.add_argument("factory", help="'module:function' returning a configured Relay")
     relay.add_argument("--batch-size", type=int, default=100)
-    relay.add_argument("--drain-timeout", type=float, default=30.0)
+    relay.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to drain after SIGTERM/SIGINT (exit status 0 drained, 3 not drained; "
+        "a second signal exits at once with 4)",
+    )
+    relay.add_argument("--log-level", **_log_level_option(argparse.SUPPRESS))
     relay.set_defaults(run=_relay)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
@@ -166,6 +224,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level_option(default: str) -> dict[str, Any]:
+    return {
+        "default": default,
+        "type": str.upper,
+        "choices": ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        "help": "log to stderr from this level on (default: INFO)",
+    }
+
+
+def _configure_logging(level: str) -> None:
+    """The command's logging: to stderr, from ``level`` on; the library itself configures none.
+    A no-op when the process has configured logging already (embedding, tests)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -175,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo(argv[1:])
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    _configure_logging(args.log_level)
     try:
         return run(args)
     except (OutboxError, ImportError, AttributeError, ValueError) as exc:

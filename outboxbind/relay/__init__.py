@@ -8,6 +8,7 @@ their behaviour is the same by construction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -15,8 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, TypeVar
 
 from outboxbind.errors import ConfigurationError, NotAttempted, TopicAlreadyRegistered
@@ -34,6 +34,7 @@ from outboxbind.relay.engine import (
     TopicRegistration,
 )
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
+from outboxbind.relay.threads import DaemonThreadPool
 from outboxbind.store import AsyncStore, Store, WakeupSource, threaded
 from outboxbind.topics import PublishOutcome, Topic
 
@@ -47,6 +48,10 @@ log = logging.getLogger("outboxbind.relay")
 def _grace(timeout: float) -> float:
     """How long past ``timeout`` the relay waits for a topic that was asked to honour it."""
     return min(1.0, 0.1 * timeout)
+
+
+#: How long ``stop()``, once its timeout has passed, waits for the loop to give its batches back.
+RELEASE_GRACE = 1.0
 
 
 def _checked_outcomes(
@@ -96,6 +101,25 @@ def _group_failure(messages: list[PersistedMessage], error: BaseException) -> li
 def _busy(topic: Topic[Any], messages: list[PersistedMessage]) -> list[PublishOutcome]:
     error = NotAttempted(f"{topic!r} has not yet returned from an earlier, timed-out batch")
     return [error] * len(messages)
+
+
+def _cut_short(topic: Topic[Any], messages: list[PersistedMessage]) -> list[PublishOutcome]:
+    """The outcomes of a call the relay did not wait for, or did not make, because a stop's
+    deadline passed: released without an attempt; published or not, the messages stay in the
+    outbox (at least once)."""
+    error = NotAttempted(f"the relay stopped before {topic!r} confirmed the message")
+    return [error] * len(messages)
+
+
+def _publish_wait(timeout: float, control: StopControl) -> tuple[float, bool]:
+    """Seconds to wait for a round's topics, and whether a stop's deadline is what bounds it:
+    ``publish_timeout`` plus its grace, or less when a stop asked to be done sooner."""
+    wait_for = timeout + _grace(timeout)
+    if control.requested:
+        left = control.deadline - time.monotonic()
+        if left < wait_for:
+            return max(0.0, left), True
+    return wait_for, False
 
 
 class _RelayBase:
@@ -218,9 +242,10 @@ class Relay(_RelayBase):
         )
         self.store = store
         self._publish_concurrency = max(1, publish_concurrency)
-        self._executor: ThreadPoolExecutor | None = None
-        self._store_threads: ThreadPoolExecutor | None = None  # the poll loop's background calls
+        self._executor: DaemonThreadPool | None = None
+        self._store_threads: DaemonThreadPool | None = None  # the poll loop's background calls
         self._in_flight: list[Future[object]] = []
+        self._give_up: Future[None] = Future()  # done: stop() stopped waiting for this loop
         self._wakeup = threading.Event()
         self._running = threading.Lock()
         self._stopped = threading.Event()
@@ -260,6 +285,7 @@ class Relay(_RelayBase):
                 self._store_threads.shutdown(wait=False)
                 self._store_threads = None
             self._control = StopControl()
+            self._give_up = Future()
             self._stopped.set()
             self._running.release()
 
@@ -268,7 +294,14 @@ class Relay(_RelayBase):
         self._wakeup.set()
 
     def stop(self, *, drain: bool = True, timeout: float | None = 30.0) -> bool:
-        """Ask the poll loop to stop, and wait for it; return whether it stopped in time.
+        """Ask the poll loop to stop, and wait for it; return whether it stopped in time (having
+        drained, with ``drain=True``).
+
+        When ``timeout`` passes first, the loop stops waiting for its topics: the round in
+        progress records the outcomes known so far and gives its batches back, so that their
+        leases are released at once, and the loop ends. ``stop`` waits for that up to
+        :data:`RELEASE_GRACE` more seconds, then returns ``False``. A message whose publish was
+        still in flight stays in the outbox and is published again later (at least once).
 
         A request made while no loop runs is kept: the next :meth:`poll_for_messages` drains
         (or not) and returns at once. Then ``stop`` returns ``True`` without waiting.
@@ -278,9 +311,19 @@ class Relay(_RelayBase):
                 ``False`` only the round in progress is finished.
             timeout: seconds to wait; ``None`` waits as long as it takes.
         """
-        self._control.request(drain=drain, timeout=timeout)
+        control, give_up = self._control, self._give_up
+        control.request(drain=drain, timeout=timeout)
         self._wakeup.set()
-        return self._stopped.wait(timeout)
+        if self._stopped.is_set():
+            return True  # kept for the next loop
+        if self._stopped.wait(timeout):
+            return control.drained or not drain
+        control.give_up()
+        if not give_up.done():
+            give_up.set_result(None)
+        self._wakeup.set()
+        self._stopped.wait(RELEASE_GRACE)
+        return False
 
     # -- the driver -----------------------------------------------------------------------------
 
@@ -340,7 +383,7 @@ class Relay(_RelayBase):
             return self._publish(effect)
         if isinstance(effect, Meanwhile):
             if self._store_threads is None:
-                self._store_threads = ThreadPoolExecutor(2, thread_name_prefix="outboxbind-store")
+                self._store_threads = DaemonThreadPool(2, "outboxbind-store")
             self._in_flight = [self._store_threads.submit(self._perform, c) for c in effect.calls]
             return self._in_flight
         if isinstance(effect, Collect):
@@ -358,33 +401,41 @@ class Relay(_RelayBase):
 
     def _publish(self, effect: Publish) -> list[list[PublishOutcome]]:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                self._publish_concurrency, thread_name_prefix="outboxbind-publish"
-            )
+            self._executor = DaemonThreadPool(self._publish_concurrency, "outboxbind-publish")
         # one deadline for the whole round: waits on successive topics must not add up
-        deadline = time.monotonic() + effect.timeout + _grace(effect.timeout)
+        wait_for, stop_bounds = _publish_wait(effect.timeout, self._control)
+        if stop_bounds and wait_for <= 0:  # the stop's deadline has passed: start nothing more
+            return [_cut_short(topic, msgs) for topic, msgs in effect.groups]
+        deadline = time.monotonic() + wait_for
         futures = {
             index: self._executor.submit(_publish_group, topic, msgs, effect.timeout)
             for index, (topic, msgs) in enumerate(effect.groups)
             if topic.name not in self._busy_topics
         }
+        waiting: set[Future[Any]] = set(futures.values())
+        give_up = self._give_up
+        while waiting and not give_up.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, _ = wait([*waiting, give_up], timeout=left, return_when=FIRST_COMPLETED)
+            waiting -= done
+        cut_short = stop_bounds or give_up.done()
         results: list[list[PublishOutcome]] = []
         for index, (topic, msgs) in enumerate(effect.groups):
             future = futures.get(index)
             if future is None:
                 results.append(_busy(topic, msgs))
-                continue
-            try:
-                results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
-            except FutureTimeout:
-                if future.cancel():  # never started: the pool was full
-                    results.append([NotAttempted("not started before the deadline")] * len(msgs))
-                    continue
-                results.append(
-                    _group_failure(
-                        msgs, TimeoutError(f"{topic!r} did not answer within {effect.timeout}s")
-                    )
-                )
+            elif future.done():
+                results.append(future.result())
+            elif future.cancel():  # never started: the pool was full
+                results.append([NotAttempted("not started before the deadline")] * len(msgs))
+            else:
+                if cut_short:  # stop() gave up: release them, published or not
+                    results.append(_cut_short(topic, msgs))
+                else:
+                    timed_out = TimeoutError(f"{topic!r} did not answer within {effect.timeout}s")
+                    results.append(_group_failure(msgs, timed_out))
                 # until that call returns, the topic gets no new batch (and holds one thread)
                 self._busy_topics.add(topic.name)
                 future.add_done_callback(functools.partial(self._not_busy, topic.name))
@@ -428,9 +479,7 @@ class AsyncRelay(_RelayBase):
     ) -> None:
         # sync topics and a sync store run on the relay's own threads, never the loop's default
         # executor: a hung destination must not starve the application's to_thread() calls
-        self._executor = ThreadPoolExecutor(
-            max(1, publish_concurrency), thread_name_prefix="outboxbind-async-publish"
-        )
+        self._executor = DaemonThreadPool(max(1, publish_concurrency), "outboxbind-async-publish")
         if not inspect.iscoroutinefunction(store.checkout_batch):
             store = threaded(store)  # type: ignore[arg-type]
         super().__init__(
@@ -446,6 +495,7 @@ class AsyncRelay(_RelayBase):
         self._in_flight: list[asyncio.Future[object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
+        self._give_up: asyncio.Future[None] | None = None  # done: stop() stopped waiting
 
     @property
     def is_polling(self) -> bool:
@@ -465,6 +515,7 @@ class AsyncRelay(_RelayBase):
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._give_up = self._loop.create_future()
         unsubscribe: Callable[[], None] | None = None
         try:
             if isinstance(self.store, WakeupSource):
@@ -474,6 +525,7 @@ class AsyncRelay(_RelayBase):
             if unsubscribe is not None:
                 unsubscribe()
             self._control = StopControl()
+            self._give_up = None
             self._stopped.set()
 
     def wake(self) -> None:
@@ -490,24 +542,40 @@ class AsyncRelay(_RelayBase):
         loop.call_soon_threadsafe(event.set)
 
     async def stop(self, *, drain: bool = True, timeout: float | None = 30.0) -> bool:
-        """Ask the poll loop to stop, and wait for it; return whether it stopped in time.
+        """Ask the poll loop to stop, and wait for it; return whether it stopped in time (having
+        drained, with ``drain=True``).
+
+        As :meth:`Relay.stop`: when ``timeout`` passes first, the loop stops waiting for its
+        topics (an async topic's call is cancelled), gives its batches back and ends; ``stop``
+        waits for that up to :data:`RELEASE_GRACE` more seconds and returns ``False``.
 
         A request made while no loop runs is kept for the next :meth:`poll_for_messages`; a
         poll task created just before is given the chance to start first.
         """
-        self._control.request(drain=drain, timeout=timeout)
+        control = self._control
+        control.request(drain=drain, timeout=timeout)
         if not self.is_polling:
             await asyncio.sleep(0)  # let a just-created poll task start
         if self._wakeup is not None:
             self._wakeup.set()
         if not self.is_polling:
             return True
-        assert self._stopped is not None
+        stopped, give_up = self._stopped, self._give_up
+        assert stopped is not None
         try:
-            await asyncio.wait_for(self._stopped.wait(), timeout)
+            await asyncio.wait_for(stopped.wait(), timeout)
         except TimeoutError:
-            return False
-        return True
+            pass
+        else:
+            return control.drained or not drain
+        control.give_up()
+        if give_up is not None and not give_up.done():
+            give_up.set_result(None)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), RELEASE_GRACE)
+        return False
 
     async def _drive(self, steps: Generator[Effect, Any, R]) -> R:
         value: Any = None
@@ -585,6 +653,9 @@ class AsyncRelay(_RelayBase):
     ) -> list[PublishOutcome]:
         if topic.name in self._busy_topics:
             return _busy(topic, messages)
+        wait_for, stop_bounds = _publish_wait(timeout, self._control)
+        if stop_bounds and wait_for <= 0:  # the stop's deadline has passed: start nothing more
+            return _cut_short(topic, messages)
         native = topic.async_native
         if native:
             call: asyncio.Future[Any] = asyncio.ensure_future(
@@ -594,17 +665,22 @@ class AsyncRelay(_RelayBase):
             call = asyncio.get_running_loop().run_in_executor(
                 self._executor, functools.partial(_publish_group, topic, messages, timeout)
             )
-        try:
-            outcomes = await asyncio.wait_for(asyncio.shield(call), timeout + _grace(timeout))
-        except TimeoutError:
+        give_up = self._give_up
+        waits: set[asyncio.Future[Any]] = {call} if give_up is None else {call, give_up}
+        await asyncio.wait(waits, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
+        if not call.done():
             if native:
                 call.cancel()
             else:  # the thread runs on: no new batch for this topic until it returns
                 self._busy_topics.add(topic.name)
                 call.add_done_callback(functools.partial(self._not_busy, topic.name))
+            if stop_bounds or (give_up is not None and give_up.done()):
+                return _cut_short(topic, messages)  # stop() gave up: released, published or not
             return _group_failure(
                 messages, TimeoutError(f"{topic!r} did not answer within {timeout}s")
             )
+        try:
+            outcomes = call.result()
         except Exception as exc:
             return _group_failure(messages, exc)
         return _checked_outcomes(messages, outcomes, topic)

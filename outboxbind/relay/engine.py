@@ -42,6 +42,7 @@ __all__ = [
     "RelayEngine",
     "Sleep",
     "StopControl",
+    "StoreOutage",
 ]
 
 log = logging.getLogger("outboxbind.relay")
@@ -142,20 +143,37 @@ class ProcessResult:
 
 
 class StopControl:
-    """Shared between a running poll loop and ``stop()``: whether and how to stop."""
+    """Shared between a running poll loop and ``stop()``: whether and how to stop.
+
+    Attributes:
+        requested: ``stop()`` was called.
+        drain: publish everything due before stopping (else only finish the round).
+        deadline: when a drain ends, drained or not (``time.monotonic()``).
+        given_up: ``stop()`` waited its timeout: the driver stops waiting for the topics, the
+            round in progress records what is known and releases the rest, and the loop ends.
+        drained: set by the poll loop when it ended because a round begun after the request
+            found nothing due.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.drain = True
         self.deadline = float("inf")
+        self.given_up = False
+        self.drained = False
 
     def request(self, *, drain: bool, timeout: float | None) -> None:
         self.requested = True
         self.drain = drain
         self.deadline = time.monotonic() + timeout if timeout is not None else float("inf")
 
+    def give_up(self) -> None:
+        self.given_up = True
+
     def should_stop_now(self) -> bool:
-        return self.requested and (not self.drain or time.monotonic() >= self.deadline)
+        return self.given_up or (
+            self.requested and (not self.drain or time.monotonic() >= self.deadline)
+        )
 
 
 SequenceKey = tuple[str, str]
@@ -195,6 +213,49 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _where(message: PersistedMessage) -> str:
+    """A message for the log: its outbox id, topic and ordering key."""
+    key = f"key {message.ordering_key!r}" if message.ordering_key is not None else "no key"
+    return f"outbox message {message.id} (topic {message.topic!r}, {key})"
+
+
+class StoreOutage:
+    """Logs a run of store failures as one WARNING when it starts and one INFO line when it
+    ends, not a traceback per poll: the traceback of the first failure goes to DEBUG, and the
+    failures in between to DEBUG without one."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # time.monotonic() of the first failure
+        self.failed_polls = 0
+
+    def failed(self, what: str, error: BaseException) -> None:
+        """A store call failed (``what`` says which)."""
+        if self.since is not None:
+            log.debug("%s failed again: %s", what, _describe(error))
+            return
+        self.since = time.monotonic()
+        log.warning(
+            "the outbox store failed (%s): %s; the relay backs off and retries, and logs when "
+            "the store recovers", what, _describe(error),
+        )  # fmt: skip
+        log.debug("the store's error, %s", what, exc_info=error)
+
+    def poll_failed(self) -> None:
+        """A round ended with a store error."""
+        self.failed_polls += 1
+
+    def poll_succeeded(self) -> None:
+        """A round ended without a store error: an outage in progress is over."""
+        if self.since is None:
+            return
+        log.info(
+            "the outbox store is reachable again after %.1f s, %d failed polls",
+            time.monotonic() - self.since, self.failed_polls,
+        )  # fmt: skip
+        self.since = None
+        self.failed_polls = 0
+
+
 class RelayEngine:
     """The relay's decisions: what to check out, publish, ack, retry, give up on, and sleep."""
 
@@ -219,6 +280,7 @@ class RelayEngine:
         self.max_store_backoff = max_store_backoff
         self.rng = rng
         self.totals = {"published": 0, "failed": 0, "dead": 0, "store_errors": 0}
+        self.outage = StoreOutage()
         #: The batches not yet closed, oldest first, so a driver that is cancelled mid-round
         #: (task cancellation, KeyboardInterrupt) can close them instead of leaving them leased.
         self.open_batches: list[Any] = []
@@ -230,6 +292,17 @@ class RelayEngine:
         return (yield from self._round(limit, None))
 
     def _round(
+        self, limit: int, pipeline: _Pipeline | None
+    ) -> Generator[Effect, Any, ProcessResult]:
+        """One round (see :meth:`_rounds_work`), and the store's health as it showed."""
+        result = yield from self._rounds_work(limit, pipeline)
+        if result.store_error is not None:
+            self.outage.poll_failed()
+        else:
+            self.outage.poll_succeeded()
+        return result
+
+    def _rounds_work(
         self, limit: int, pipeline: _Pipeline | None
     ) -> Generator[Effect, Any, ProcessResult]:
         """One round. With a ``pipeline`` (the poll loop), the round publishes the batch read
@@ -246,7 +319,7 @@ class RelayEngine:
             except SchemaTooNew:
                 raise  # no retry can help: this outboxbind must be upgraded
             except Exception as exc:
-                log.warning("outbox checkout failed: %s", _describe(exc), exc_info=exc)
+                self.outage.failed("checking out a batch", exc)
                 self.totals["store_errors"] += 1
                 return ProcessResult(store_error=exc)
             if batch is None:
@@ -308,7 +381,7 @@ class RelayEngine:
                 yield Marks(batch, marks)
         except Exception as exc:
             store_error = exc
-            log.warning("recording publish outcomes failed: %s", _describe(exc), exc_info=exc)
+            self.outage.failed("recording publish outcomes", exc)
         if background is not None:
             results = yield background
             store_error = self._after_overlap(pipeline, background.calls, results) or store_error
@@ -318,7 +391,7 @@ class RelayEngine:
                 yield Call(previous, "close", ())
             except Exception as exc:
                 store_error = store_error or exc
-                log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+                self.outage.failed("closing the outbox batch", exc)
             self.open_batches.remove(previous)
         if pipeline is not None and pipeline.ahead is not None:
             # the next batch continues this one: it is closed next round, after the messages
@@ -333,7 +406,7 @@ class RelayEngine:
                 yield Call(batch, "close", ())
             except Exception as exc:
                 store_error = store_error or exc
-                log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+                self.outage.failed("closing the outbox batch", exc)
             self.open_batches.remove(batch)
         if store_error is not None:
             self.totals["store_errors"] += 1
@@ -353,12 +426,10 @@ class RelayEngine:
                 self.open_batches.remove(call.target)
                 pipeline.previous = None
                 if isinstance(result, BaseException):
-                    log.warning("closing the outbox batch failed: %s", _describe(result),
-                                exc_info=result)  # fmt: skip
+                    self.outage.failed("closing the outbox batch", result)
                     error = error or result
             elif isinstance(result, BaseException):
-                log.warning("reading the next outbox batch ahead failed: %s", _describe(result),
-                            exc_info=result)  # fmt: skip
+                self.outage.failed("reading the next outbox batch ahead", result)
                 error = error or result
             elif result is not None:
                 self.open_batches.append(result)
@@ -375,7 +446,7 @@ class RelayEngine:
             try:
                 yield Call(batch, "close", ())
             except Exception as exc:
-                log.warning("closing the outbox batch failed: %s", _describe(exc), exc_info=exc)
+                self.outage.failed("closing the outbox batch", exc)
                 error = error or exc
             self.open_batches.remove(batch)
         pipeline.previous = None
@@ -409,21 +480,16 @@ class RelayEngine:
         unpublishable = isinstance(error, UnpublishableError)
         if not unpublishable and attempts < registration.retry.max_attempts:
             delay = registration.retry.delay(attempts, self.rng.random)
-            log.info(
-                "publishing outbox message %s to %s failed (attempt %d of %d), retry in %.2fs: %s",
-                message.id, message.topic, attempts, registration.retry.max_attempts, delay, text,
+            log.warning(
+                "publishing %s failed, attempt %d of %d, retry in %.2fs: %s",
+                _where(message), attempts, registration.retry.max_attempts, delay, text,
             )  # fmt: skip
             return ("failed", message, text, timedelta(seconds=delay))
         why = "is unpublishable" if unpublishable else f"failed {attempts} attempt(s)"
         if registration.poison == "park":
-            log.error(
-                "outbox message %s to %s %s, parked: %s", message.id, message.topic, why, text
-            )
+            log.error("%s %s, parked as a dead letter: %s", _where(message), why, text)
             return ("dead", message, text, None)
-        log.error(
-            "outbox message %s to %s %s, blocking its key until replayed: %s",
-            message.id, message.topic, why, text,
-        )  # fmt: skip
+        log.error("%s %s, blocking its key until replayed: %s", _where(message), why, text)
         return ("failed", message, text, None)
 
     # -- the poll loop --------------------------------------------------------------------------
@@ -454,7 +520,8 @@ class RelayEngine:
             progressed = result.successes + result.errors > 0  # not only released messages
             if control.requested:
                 if stopping and not progressed:
-                    break  # drained: nothing is due, or nothing can be published now
+                    control.drained = True  # nothing is due, or nothing can be published now
+                    break
                 continue
             if progressed:
                 continue  # more may be waiting (a batch is not always full when more is)
