@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
@@ -131,6 +132,13 @@ class RedisStreamTopic(Topic[T]):
         self._connections: list[Any] = []  # idle connections of publish_batch, see _connection
         self._connections_pid = os.getpid()
         self._connections_lock = threading.Lock()
+        # a topic dropped without close() still closes its sockets (no ResourceWarning)
+        weakref.finalize(self, _disconnect_all, self._connections, self._connections_lock)
+
+    def close(self) -> None:
+        """Close the connections :meth:`publish_batch` keeps (the client is left open: it is
+        the caller's). The topic stays usable: a later call connects again."""
+        _disconnect_all(self._connections, self._connections_lock)
 
     def __repr__(self) -> str:
         return f"RedisStreamTopic({self.stream!r})"
@@ -260,11 +268,22 @@ class RedisStreamTopic(Topic[T]):
         their timeouts are the user's to set."""
         with self._connections_lock:
             if self._connections_pid != os.getpid():  # forked: the parent's sockets are not ours
-                self._connections, self._connections_pid = [], os.getpid()
+                for connection in self._connections:
+                    connection.disconnect()  # closes this process's copy only
+                self._connections.clear()
+                self._connections_pid = os.getpid()
             if self._connections:
                 return self._connections.pop()
         pool = self.client.connection_pool
         return pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
+
+
+def _disconnect_all(connections: list[Any], lock: threading.Lock) -> None:
+    with lock:
+        idle = connections[:]
+        connections.clear()
+    for connection in idle:
+        connection.disconnect()
 
 
 def _stale(connection: Any) -> bool:
