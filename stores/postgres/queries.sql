@@ -309,21 +309,25 @@ WITH batch_leases AS (
                          %(lease_tokens)s::bigint[], %(lease_kept)s::boolean[])
            AS h (topic, ordering_key, token, kept)
 ),
-still_ours AS (
-    SELECT l.topic, l.ordering_key, h.kept
+ending AS (
+    SELECT l.topic, l.ordering_key
     FROM {leases} l JOIN batch_leases h
       ON l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
+    WHERE NOT h.kept
     ORDER BY l.topic, l.ordering_key
     FOR UPDATE OF l SKIP LOCKED
 ),
 ended AS (
     DELETE FROM {leases} l
-    USING still_ours h
-    WHERE l.topic = h.topic AND l.ordering_key = h.ordering_key AND NOT h.kept
+    USING ending e
+    WHERE l.topic = e.topic AND l.ordering_key = e.ordering_key
     RETURNING l.topic, l.ordering_key
 ),
-passed_on AS (
-    SELECT topic, ordering_key FROM still_ours WHERE kept
+passed_on AS (  -- only read: no lock taken, none waited for
+    SELECT l.topic, l.ordering_key
+    FROM {leases} l JOIN batch_leases h
+      ON l.topic = h.topic AND l.ordering_key = h.ordering_key AND l.token = h.token
+    WHERE h.kept
 ),
 held AS (
     SELECT topic, ordering_key FROM ended
