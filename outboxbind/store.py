@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar, runtime_checkable
@@ -41,6 +40,7 @@ import attrs
 
 from outboxbind.errors import LeaseLost
 from outboxbind.messages import PersistedMessage
+from outboxbind.threads import DaemonThreadPool
 
 T = TypeVar("T")
 
@@ -337,7 +337,8 @@ class _ThreadedStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         # its own threads: a busy default executor must not stall the relay, nor it the app
-        self._executor = ThreadPoolExecutor(2, thread_name_prefix="outboxbind-store")
+        # daemon threads: a store call stuck on a frozen server must not hold up the exit
+        self._executor = DaemonThreadPool(2, "outboxbind-store")
 
     async def run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)

@@ -1,4 +1,4 @@
-"""The relay's worker threads: a pool whose threads never hold up the interpreter's exit.
+"""Worker threads that never hold up the interpreter's exit, for the relay and the stores.
 
 ``concurrent.futures.ThreadPoolExecutor`` joins its workers when the interpreter exits, so a
 destination that never answers keeps a stopped relay's process alive until it is killed.

@@ -217,7 +217,7 @@ def _topic_of_every_kind(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("a\x00b", "a topic name must not contain NUL"),
+        ("a\x00b", "the topic name .* contains NUL"),
         ("orders\ud800", r"is not valid Unicode text \(it holds a lone surrogate\)"),
         ("é" * 513, "is 1026 bytes of UTF-8, over the limit of 1024 bytes"),
         ("x" * 8001, "is 8001 bytes of UTF-8, over the limit of 1024 bytes"),

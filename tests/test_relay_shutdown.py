@@ -25,11 +25,11 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from outboxbind import AsyncRelay, PersistedMessage, Relay, bind
-from outboxbind.relay.threads import DaemonThreadPool
 from outboxbind.store import Store
 from outboxbind.stores.postgres import PostgresStore
 from outboxbind.stores.postgres import persister as pg_persister
 from outboxbind.stores.sqlite import SQLiteStore, persister
+from outboxbind.threads import DaemonThreadPool
 from outboxbind.topics import PublishOutcome
 from outboxbind.topics.memory import InMemoryTopic
 

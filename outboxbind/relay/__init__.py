@@ -34,8 +34,8 @@ from outboxbind.relay.engine import (
     TopicRegistration,
 )
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
-from outboxbind.relay.threads import DaemonThreadPool
 from outboxbind.store import AsyncStore, Store, WakeupSource, threaded
+from outboxbind.threads import DaemonThreadPool
 from outboxbind.topics import PublishOutcome, Topic
 
 __all__ = ["AsyncRelay", "PoisonPolicy", "ProcessResult", "Relay", "RetryPolicy"]

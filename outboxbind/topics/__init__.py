@@ -66,12 +66,9 @@ def check_topic_name(name: object) -> str:
     """
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"a topic name must be a non-empty string, not {name!r}")
-    if "\x00" in name:
-        raise ConfigurationError(f"a topic name must not contain NUL: {name[:80]!r}")
-    if not _is_utf8(name):
+    if problem := unwritable_text(name):
         raise ConfigurationError(
-            f"the topic name {name[:80]!r} is not valid Unicode text (it holds a lone "
-            "surrogate), so no store can write it"
+            f"the topic name {name[:80]!r} {problem}, so no store can write it"
         )
     size = len(name.encode("utf-8"))
     if size > MAX_TOPIC_NAME_BYTES:
@@ -208,13 +205,8 @@ class Topic(ABC, Generic[T]):
                 f"topic {self.name!r}: the ordering key is empty; return None for a message "
                 "that keeps the topic-wide order"
             )
-        if "\x00" in key:
-            raise InvalidOrderingKey(f"topic {self.name!r}: the ordering key {key!r} contains NUL")
-        if not _is_utf8(key):
-            raise InvalidOrderingKey(
-                f"topic {self.name!r}: the ordering key {key!r} is not valid Unicode text "
-                "(it holds a lone surrogate)"
-            )
+        if problem := unwritable_text(key):
+            raise InvalidOrderingKey(f"topic {self.name!r}: the ordering key {key!r} {problem}")
         size = len(key.encode("utf-8"))
         if size > self.max_ordering_key_bytes:
             raise InvalidOrderingKey(
@@ -328,6 +320,17 @@ class Topic(ABC, Generic[T]):
     ) -> list[PublishOutcome]:
         """The asyncio face of :meth:`publish_batch`; by default it runs it in a thread."""
         return await asyncio.to_thread(self.publish_batch, messages, timeout=timeout)
+
+
+def unwritable_text(text: str) -> str | None:
+    """What keeps a store from writing ``text`` as a name or a key (it contains NUL, or it is
+    not valid Unicode text: a lone surrogate has no UTF-8 form), said to follow the value;
+    ``None`` when it can be written."""
+    if "\x00" in text:
+        return "contains NUL"
+    if not _is_utf8(text):
+        return "is not valid Unicode text (it holds a lone surrogate)"
+    return None
 
 
 def _is_utf8(text: str) -> bool:

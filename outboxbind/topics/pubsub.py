@@ -70,8 +70,11 @@ _RETRYABLE = api_retry.if_exception_type(
     api_exceptions.ServiceUnavailable,
     api_exceptions.Unknown,
 )
-#: The client's default backoff between attempts: 0.1 s, then four times longer, at most 60 s.
-_BACKOFF_INITIAL, _BACKOFF_MULTIPLIER, _BACKOFF_MAXIMUM = 0.1, 4.0, 60.0
+#: How a request is retried: on those errors, with the client's default backoff between
+#: attempts (0.1 s, then four times longer, at most 60 s); the call gives the deadline.
+_RETRY_SETTINGS: dict[str, Any] = {
+    "predicate": _RETRYABLE, "initial": 0.1, "multiplier": 4.0, "maximum": 60.0
+}  # fmt: skip
 
 _MESSAGE_PB = PubsubMessage.pb()
 _REQUEST_PB = PublishRequest.pb()
@@ -310,13 +313,7 @@ class PubSubTopic(Topic[T]):
             )
             return list(response.message_ids)
 
-        retry = api_retry.Retry(
-            predicate=_RETRYABLE,
-            initial=_BACKOFF_INITIAL,
-            multiplier=_BACKOFF_MULTIPLIER,
-            maximum=_BACKOFF_MAXIMUM,
-            timeout=timeout,
-        )
+        retry = api_retry.Retry(timeout=timeout, **_RETRY_SETTINGS)
         message_ids: list[str] = retry(attempt)()
         return message_ids
 
@@ -369,13 +366,7 @@ class PubSubTopic(Topic[T]):
             )
             return list(response.message_ids)
 
-        retry = api_retry.AsyncRetry(
-            predicate=_RETRYABLE,
-            initial=_BACKOFF_INITIAL,
-            multiplier=_BACKOFF_MULTIPLIER,
-            maximum=_BACKOFF_MAXIMUM,
-            timeout=timeout,
-        )
+        retry = api_retry.AsyncRetry(timeout=timeout, **_RETRY_SETTINGS)
         message_ids: list[str] = await retry(attempt)()
         return message_ids
 
