@@ -183,24 +183,14 @@ fresh AS (
 ),
 -- the read-ahead's own sequences, when the free ones cannot fill the batch; a lease row another
 -- claim has locked is being taken over (this one expired): skipped, never waited for
-continuing AS (
-    SELECT c.topic, c.ordering_key, c.token, c.after
+continuing AS (  -- locked only if it is to be continued: a row lock is a write
+    SELECT c.topic, c.ordering_key, c.token
     FROM {leases} l
     JOIN unnest(%(continue_topics)s::text[], %(continue_keys)s::text[],
                 %(continue_tokens)s::bigint[], %(continue_after)s::bigint[])
          AS c (topic, ordering_key, token, after)
       ON l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
-    ORDER BY l.topic, l.ordering_key
-    FOR UPDATE OF l SKIP LOCKED
-),
-continued AS (
-    UPDATE {leases} l
-    SET owner = %(claim)s,
-        expires_at = coalesce(%(now)s::timestamptz, clock_timestamp())
-                     + %(lease_seconds)s * interval '1 second'
-    FROM continuing c
-    WHERE l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
-      AND (SELECT max(total) FROM taking) < %(limit)s
+    WHERE (SELECT max(total) FROM taking) < %(limit)s
       AND (  -- it has a due message after the batch's last one
           SELECT o.position FROM {outbox} o
           WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.position > c.after
@@ -212,6 +202,16 @@ continued AS (
             ), 9223372036854775807)
           ORDER BY o.position LIMIT 1
       ) IS NOT NULL
+    ORDER BY l.topic, l.ordering_key
+    FOR UPDATE OF l SKIP LOCKED
+),
+continued AS (
+    UPDATE {leases} l
+    SET owner = %(claim)s,
+        expires_at = coalesce(%(now)s::timestamptz, clock_timestamp())
+                     + %(lease_seconds)s * interval '1 second'
+    FROM continuing c
+    WHERE l.topic = c.topic AND l.ordering_key = c.ordering_key AND l.token = c.token
     RETURNING l.topic, l.ordering_key, l.token
 )
 SELECT leased.*, pg_current_snapshot()::text, pg_current_xact_id()::text
