@@ -56,6 +56,9 @@ class PersistedMessage:
         ordering_key: the ordering key, or ``None`` for the topic-wide sequence.
         created_at: when the message was written (timezone-aware, UTC).
         attempts: how many publish attempts of it have failed so far.
+        progress: what the relay saved with the message's last failure (a handler topic's
+            per-handler results, as JSON text), or ``None``. Opaque to stores: they keep it as
+            given (see :class:`~outboxbind.store.MarkDetails`) and hand it back.
     """
 
     id: str
@@ -65,6 +68,7 @@ class PersistedMessage:
     ordering_key: str | None
     created_at: datetime
     attempts: int = 0
+    progress: str | None = None
 
     @property
     def sequence(self) -> tuple[str, str]:

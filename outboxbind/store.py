@@ -26,12 +26,23 @@ The rules a store keeps:
 A store may also let a batch read the next one ahead (:class:`ReadAheadBatch`): the relay then
 checks out its next batch while this one's messages are being published, so the database works
 while the relay does. The next batch may continue this batch's sequences under the same leases.
+
+A store that keeps what the relay saves with a message (:class:`ProgressStore`, its batches
+:class:`DetailedBatch`) can also serve handler topics and topics that keep settled messages:
+
+* **Progress.** A mark may carry :class:`MarkDetails`: the message's progress (a handler topic's
+  per-handler results) comes back with the message at its next checkout, with its dead letter,
+  and with the settled message when it is kept.
+* **Follow-ups.** The entries of ``MarkDetails.follow_ups`` are written in the same transaction
+  that applies the mark: both are applied, or neither (and neither when the lease was lost).
+* **Kept.** A published message whose details say ``keep`` is kept as settled, with its
+  progress, until :meth:`ProgressStore.purge_settled` removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar, runtime_checkable
@@ -39,7 +50,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 import attrs
 
 from outboxbind.errors import LeaseLost
-from outboxbind.messages import PersistedMessage
+from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.threads import DaemonThreadPool
 
 T = TypeVar("T")
@@ -52,6 +63,11 @@ __all__ = [
     "AsyncStore",
     "DeadLetter",
     "DeadLetterAdmin",
+    "DetailedBatch",
+    "MarkDetails",
+    "MessageRecord",
+    "ProgressStore",
+    "AsyncProgressStore",
     "MessageBatch",
     "Store",
     "TopicBacklog",
@@ -223,6 +239,102 @@ class WakeupSource(Protocol):
         ...
 
 
+def _entries(entries: Iterable[OutboxEntry]) -> tuple[OutboxEntry, ...]:
+    return tuple(entries)
+
+
+@attrs.frozen
+class MarkDetails:
+    """What the relay asks a store to save with one message's mark, beyond the mark itself.
+
+    Given to :meth:`DetailedBatch.add_details` for messages the relay then marks; only handler
+    topics and topics registered with ``keep_settled`` send any.
+
+    Attributes:
+        progress: text (JSON) to keep with the message, replacing what was kept before: it comes
+            back as :attr:`PersistedMessage.progress` at the message's next checkout, with its
+            dead letter, and with the settled message when it is kept.
+        follow_ups: new outbox messages to write in the same transaction that applies the mark:
+            both are applied, or neither. Dropped with the mark when the lease was lost.
+        keep: for a published message: keep it as settled (with its progress, publish id and
+            time) until :meth:`ProgressStore.purge_settled` removes it, rather than delete it.
+    """
+
+    progress: str | None = None
+    follow_ups: tuple[OutboxEntry, ...] = attrs.field(default=(), converter=_entries)
+    keep: bool = False
+
+
+@runtime_checkable
+class DetailedBatch(Protocol):
+    """A batch that takes :class:`MarkDetails` for its messages (see :class:`ProgressStore`)."""
+
+    def add_details(self, details: Mapping[str, MarkDetails]) -> None:
+        """Record details by message id, to be applied with those messages' marks on close.
+
+        Called before the marks they go with. A message's details without a mark are dropped
+        (the message is released as if unmarked). No I/O: a buffered batch keeps them until
+        close, also in the asyncio face.
+
+        Raises:
+            ValueError: an id is not one of this batch's messages.
+            RuntimeError: the batch is closed.
+        """
+        ...
+
+
+@attrs.frozen
+class MessageRecord:
+    """Where one message stands, for operators and the ``show`` command.
+
+    Attributes:
+        message: the message, with its attempts and its saved progress.
+        state: ``"pending"`` (due now or later, or waiting for a retry), ``"blocked"`` (given up
+            on, holding back its sequence), ``"parked"`` (a dead letter) or ``"settled"``
+            (published and kept).
+        error: the last error, if an attempt failed.
+        since: when it last failed, or was settled; ``None`` for a pending message that never
+            failed.
+        publish_id: the destination's id of a settled message.
+    """
+
+    message: PersistedMessage
+    state: Literal["pending", "blocked", "parked", "settled"]
+    error: str | None = None
+    since: datetime | None = None
+    publish_id: str | None = None
+
+
+@runtime_checkable
+class ProgressStore(Protocol):
+    """A store that keeps what the relay saves with messages (optional; every built-in store
+    does). Its batches are :class:`DetailedBatch`. Handler topics and ``keep_settled`` need it.
+    """
+
+    def find_message(self, id: str) -> MessageRecord | None:
+        """The message of outbox id ``id`` wherever it is (pending, dead or settled and kept),
+        or ``None`` when there is no such message (any more)."""
+        ...
+
+    def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """Delete the kept settled messages of ``topic`` settled more than ``older_than`` ago;
+        return how many."""
+        ...
+
+
+@runtime_checkable
+class AsyncProgressStore(Protocol):
+    """The asyncio twin of :class:`ProgressStore`."""
+
+    async def find_message(self, id: str) -> MessageRecord | None:
+        """See :meth:`ProgressStore.find_message`."""
+        ...
+
+    async def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """See :meth:`ProgressStore.purge_settled`."""
+        ...
+
+
 @attrs.frozen
 class DeadLetter:
     """A message the relay gave up on.
@@ -302,6 +414,12 @@ class _ThreadedBatch:
     async def close(self) -> None:
         await self._store.run(self._batch.close)
 
+    def add_details(self, details: Mapping[str, MarkDetails]) -> None:
+        add_details = getattr(self._batch, "add_details", None)
+        if add_details is None:
+            raise TypeError(f"{type(self._batch).__name__} cannot keep progress (add_details)")
+        add_details(details)  # buffered: no I/O until close
+
     def record(self, marks: Sequence[MarkedOutcome]) -> None:
         record = getattr(self._batch, "record", None)
         if record is not None:
@@ -359,6 +477,19 @@ class _ThreadedStore:
             return self.store.subscribe_wakeups(callback)
         return lambda: None
 
+    async def find_message(self, id: str) -> MessageRecord | None:
+        store = self._progress_store()
+        return await self.run(lambda: store.find_message(id))
+
+    async def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        store = self._progress_store()
+        return await self.run(lambda: store.purge_settled(topic, older_than))
+
+    def _progress_store(self) -> ProgressStore:
+        if not isinstance(self.store, ProgressStore):
+            raise TypeError(f"{type(self.store).__name__} does not keep progress")
+        return self.store
+
     def __repr__(self) -> str:
         return f"threaded({self.store!r})"
 
@@ -386,6 +517,8 @@ class _MarkBuffer:
         self._leased = {message.id: message for message in messages}
         self.tokens = tokens
         self.outcomes: dict[SequenceKey, list[MarkedOutcome]] = {}
+        #: What to save with some messages' marks, by message id (see :class:`MarkDetails`).
+        self.details: dict[str, MarkDetails] = {}
         #: Sequences whose lease passed to the batch read ahead: close keeps their leases.
         self.passed_on: set[SequenceKey] = set()
         self.closed = False
@@ -430,6 +563,15 @@ class _MarkBuffer:
             if recorded is None:
                 recorded = outcomes[sequence] = []
             recorded.append(mark)
+
+    def add_details(self, details: Mapping[str, MarkDetails]) -> None:
+        """Keep ``details`` (by message id) to apply with those messages' marks on close."""
+        if self.closed:
+            raise RuntimeError("this batch is closed")
+        for id_ in details:
+            if id_ not in self._leased:
+                raise ValueError(f"message {id_} is not part of this batch")
+        self.details.update(details)
 
     def close_within(self, close: Callable[[], object]) -> None:
         """For a store that closes this batch within another round trip (while reading the next

@@ -12,7 +12,7 @@ from outboxbind.messages import OutboxEntry
 from outboxbind.store import Store
 from outboxbind.stores.memory import InMemoryStore, InMemoryTransaction
 from outboxbind.stores.sqlite import SQLiteStore, persister
-from outboxbind.testing import ReadAheadContract, StoreContract, StoreHarness
+from outboxbind.testing import ProgressContract, ReadAheadContract, StoreContract, StoreHarness
 
 
 class SQLiteHarness:
@@ -72,7 +72,7 @@ class MemoryHarness:
         return ids
 
 
-class TestInMemoryStore(StoreContract, ReadAheadContract):
+class TestInMemoryStore(StoreContract, ReadAheadContract, ProgressContract):
     @pytest.fixture
     def harness(self) -> StoreHarness:
         return MemoryHarness()

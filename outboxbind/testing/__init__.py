@@ -31,9 +31,24 @@ with needs_extra("testing", __name__):
 
 from outboxbind.errors import LeaseLost
 from outboxbind.messages import OutboxEntry, PersistedMessage
-from outboxbind.store import DeadLetterAdmin, MessageBatch, ReadAheadBatch, Store
+from outboxbind.store import (
+    DeadLetterAdmin,
+    DetailedBatch,
+    MarkDetails,
+    MessageBatch,
+    ProgressStore,
+    ReadAheadBatch,
+    Store,
+)
 
-__all__ = ["FakeClock", "ReadAheadContract", "StoreContract", "StoreHarness", "entry"]
+__all__ = [
+    "FakeClock",
+    "ProgressContract",
+    "ReadAheadContract",
+    "StoreContract",
+    "StoreHarness",
+    "entry",
+]
 
 #: Advancing the clock by this much must outlast any lease and any retry delay the kit uses.
 LONG_AFTER = 3600.0
@@ -587,3 +602,198 @@ class ReadAheadContract:
         second.close()
         with _checkout(harness.open_store(clock), 10) as again:
             assert set(_ids(again)) == set(ids)
+
+
+def _detailed(batch: MessageBatch) -> DetailedBatch:
+    assert isinstance(batch, DetailedBatch), f"{type(batch).__name__} has no add_details()"
+    return batch
+
+
+def _progress_store(store: Store) -> ProgressStore:
+    assert isinstance(store, ProgressStore), f"{type(store).__name__} is not a ProgressStore"
+    return store
+
+
+def _topic_ids(store: Store, topic: str) -> list[str]:
+    batch = store.checkout_batch([topic], 100)
+    if batch is None:
+        return []
+    with batch:
+        return _ids(batch)
+
+
+class ProgressContract:
+    """Contract tests for stores that keep what the relay saves with a message
+    (:class:`~outboxbind.store.ProgressStore`: progress, follow-up messages, settled messages),
+    which handler topics and ``keep_settled`` need; add it beside :class:`StoreContract`."""
+
+    def test_progress_saved_with_a_failure_comes_back_at_the_next_checkout(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="b")])
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details({ids[0]: MarkDetails(progress='{"send": "done"}')})
+            batch.mark_failed(_by_id(batch, ids[0]), "boom", timedelta(seconds=1))
+            batch.mark_failed(_by_id(batch, ids[1]), "boom", timedelta(seconds=1))
+        clock.advance(2)
+        with _checkout(store, 10) as batch:
+            assert _by_id(batch, ids[0]).progress == '{"send": "done"}'
+            assert _by_id(batch, ids[1]).progress is None  # no details: nothing kept
+
+    def test_later_progress_replaces_earlier_and_none_leaves_it(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        [id_] = harness.write([entry()])
+        for progress in ('{"n": 1}', '{"n": 2}', None):
+            with _checkout(store, 10) as batch:
+                _detailed(batch).add_details({id_: MarkDetails(progress=progress)})
+                batch.mark_failed(batch.messages[0], "again", timedelta(seconds=1))
+            clock.advance(2)
+        with _checkout(store, 10) as batch:
+            assert (batch.messages[0].progress, batch.messages[0].attempts) == ('{"n": 2}', 3)
+
+    def test_details_without_a_mark_change_nothing(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        [id_] = harness.write([entry()])
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details({id_: MarkDetails(progress="{}", follow_ups=[entry("x")])})
+        with _checkout(store, 10) as batch:
+            assert (batch.messages[0].progress, batch.messages[0].attempts) == (None, 0)
+        assert _topic_ids(store, "x") == []
+
+    def test_details_for_a_message_of_another_batch_are_refused(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        harness.write([entry()])
+        with _checkout(store, 10) as batch, pytest.raises(ValueError, match="not part of"):
+            _detailed(batch).add_details({"999999": MarkDetails(progress="{}")})
+
+    def test_progress_goes_with_a_dead_letter_and_is_kept_through_a_replay(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="b")])
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details(
+                {ids[0]: MarkDetails(progress='{"p": 1}'), ids[1]: MarkDetails(progress='{"b": 1}')}
+            )
+            batch.mark_dead(_by_id(batch, ids[0]), "parked")
+            batch.mark_failed(_by_id(batch, ids[1]), "blocked", None)
+        admin = _admin(store)
+        dead = {d.message.id: d for d in admin.dead_letters()}
+        assert dead[ids[0]].message.progress == '{"p": 1}'
+        assert dead[ids[1]].message.progress == '{"b": 1}'
+        found = _progress_store(store).find_message(ids[0])
+        assert found is not None
+        assert (found.state, found.error, found.message.progress) == (
+            "parked",
+            "parked",
+            '{"p": 1}',
+        )
+        blocked = _progress_store(store).find_message(ids[1])
+        assert blocked is not None
+        assert blocked.state == "blocked"
+        assert admin.replay_dead_letters(ids) == 2
+        with _checkout(store, 10) as batch:
+            assert [(m.progress, m.attempts) for m in batch.messages] == [
+                ('{"p": 1}', 0),
+                ('{"b": 1}', 0),
+            ]
+
+    def test_a_pending_message_is_found_with_its_last_error(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        [id_] = harness.write([entry(data=b"d", attributes={"a": "1"})])
+        pending = _progress_store(store).find_message(id_)
+        assert pending is not None
+        assert (pending.state, pending.error, pending.since) == ("pending", None, None)
+        assert (pending.message.data, dict(pending.message.attributes)) == (b"d", {"a": "1"})
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details({id_: MarkDetails(progress="[1]")})
+            batch.mark_failed(batch.messages[0], "boom", timedelta(seconds=60))
+        failed = _progress_store(store).find_message(id_)
+        assert failed is not None
+        assert failed.since is not None
+        assert (failed.state, failed.error, failed.message.attempts) == ("pending", "boom", 1)
+        assert failed.message.progress == "[1]"
+        assert _progress_store(store).find_message("424242") is None
+
+    def test_a_kept_settled_message_is_found_with_its_progress(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry(), entry()])
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details({ids[0]: MarkDetails(progress='{"ok": 1}', keep=True)})
+            batch.mark_published(_by_id(batch, ids[0]), "pub-1")
+            batch.mark_published(_by_id(batch, ids[1]), "pub-2")
+        settled = _progress_store(store).find_message(ids[0])
+        assert settled is not None
+        assert settled.since is not None
+        assert (settled.state, settled.publish_id) == ("settled", "pub-1")
+        assert settled.message.progress == '{"ok": 1}'
+        assert _progress_store(store).find_message(ids[1]) is None  # not kept: deleted
+        assert store.checkout_batch(["orders"], 10) is None
+
+    def test_purge_settled_removes_only_the_old_ones_of_its_topic(
+        self, harness: StoreHarness, store: Store, clock: FakeClock
+    ) -> None:
+        old = harness.write([entry(), entry("emails")])
+        for topic in ("orders", "emails"):
+            batch = store.checkout_batch([topic], 10)
+            assert batch is not None
+            with batch:
+                _detailed(batch).add_details({batch.messages[0].id: MarkDetails(keep=True)})
+                batch.mark_published(batch.messages[0], "p")
+        clock.advance(3600)
+        [young] = harness.write([entry()])
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details({young: MarkDetails(keep=True)})
+            batch.mark_published(batch.messages[0], "p")
+        progress_store = _progress_store(store)
+        assert progress_store.purge_settled("orders", timedelta(minutes=30)) == 1
+        assert progress_store.find_message(old[0]) is None
+        assert progress_store.find_message(young) is not None
+        assert progress_store.find_message(old[1]) is not None  # another topic's
+        assert progress_store.purge_settled("orders", timedelta(minutes=30)) == 0
+
+    def test_follow_ups_are_written_with_the_mark(
+        self, harness: StoreHarness, store: Store
+    ) -> None:
+        ids = harness.write([entry(key="a"), entry(key="b")])
+        follow_ups = [
+            entry("dead-events", b"first", key="k", attributes={"of": ids[0]}),
+            entry("dead-events", b"second", key="k"),
+        ]
+        with _checkout(store, 10) as batch:
+            _detailed(batch).add_details({ids[0]: MarkDetails(follow_ups=follow_ups)})
+            batch.mark_dead(_by_id(batch, ids[0]), "max errors")
+            batch.mark_failed(_by_id(batch, ids[1]), "blocked", None)
+        written = store.checkout_batch(["dead-events"], 10)
+        assert written is not None
+        with written:
+            assert [m.data for m in written.messages] == [b"first", b"second"]
+            assert [m.ordering_key for m in written.messages] == ["k", "k"]
+            assert dict(written.messages[0].attributes) == {"of": ids[0]}
+            assert len({m.id for m in written.messages} | set(ids)) == 4  # new ids
+
+    def test_follow_ups_of_a_batch_whose_lease_was_taken_over_are_not_written(
+        self, harness: StoreHarness, clock: FakeClock
+    ) -> None:
+        slow, fast = harness.open_store(clock), harness.open_store(clock)
+        [id_] = harness.write([entry()])
+        stale = slow.checkout_batch(["orders"], 10)
+        assert stale is not None
+        clock.advance(LONG_AFTER)
+        current = fast.checkout_batch(["orders"], 10)
+        assert _ids(current) == [id_]
+        _detailed(stale).add_details(
+            {id_: MarkDetails(progress="{}", follow_ups=[entry("dead-events")])}
+        )
+        stale.mark_dead(stale.messages[0], "late")
+        with pytest.raises(LeaseLost):
+            stale.close()
+        assert current is not None
+        current.close()
+        assert _topic_ids(fast, "dead-events") == []
+        with _checkout(fast, 10) as batch:
+            assert (batch.messages[0].progress, batch.messages[0].attempts) == (None, 0)

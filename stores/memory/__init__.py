@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import attrs
 
@@ -30,8 +30,10 @@ from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.store import (
     BufferedBatch,
     DeadLetter,
+    MarkDetails,
     MarkedOutcome,
     MessageBatch,
+    MessageRecord,
     SequenceKey,
     TopicBacklog,
     integer_ids,
@@ -58,6 +60,7 @@ class _Row:
     attempts: int = 0
     last_error: str | None = None
     failed_at: float | None = None
+    progress: str | None = None
 
     def message(self) -> PersistedMessage:
         return PersistedMessage(
@@ -68,7 +71,15 @@ class _Row:
             ordering_key=self.key or None,
             created_at=datetime.fromtimestamp(self.created_at, UTC),
             attempts=self.attempts,
+            progress=self.progress,
         )
+
+
+@attrs.define
+class _Settled:
+    row: _Row
+    publish_id: str
+    settled_at: float
 
 
 class InMemoryTransaction:
@@ -119,6 +130,7 @@ class InMemoryStore:
         self._sequences: dict[SequenceKey, list[_Row]] = {}
         self._leases: dict[SequenceKey, tuple[str, float]] = {}
         self._dead: dict[int, _Row] = {}
+        self._settled: dict[int, _Settled] = {}  # published messages kept (MarkDetails.keep)
         self._handed_out: set[int] = set()  # the ids of the messages of batches not closed
         self._cursor: SequenceKey | None = None
         self._channel = f"memory:{id(self)}"
@@ -137,22 +149,29 @@ class InMemoryStore:
         tx.commit()
 
     def _new_row(self, entry: OutboxEntry) -> _Row:
+        with self._lock:
+            return self._make_row(entry)
+
+    def _make_row(self, entry: OutboxEntry) -> _Row:
+        """A row for ``entry`` with the next id; the caller holds the lock."""
         now = self.clock()
         due = entry.deliver_after.timestamp() if entry.deliver_after else now
-        with self._lock:
-            id_ = next(self._ids)
         return _Row(
-            id_, entry.topic, entry.ordering_key or "", entry.data, dict(entry.attributes),
-            now, max(now, due),
+            next(self._ids), entry.topic, entry.ordering_key or "", entry.data,
+            dict(entry.attributes), now, max(now, due),
         )  # fmt: skip
 
     def _insert(self, rows: list[_Row]) -> None:
         with self._lock:
-            for row in rows:
-                sequence = self._sequences.setdefault((row.topic, row.key), [])
-                bisect.insort(sequence, row, key=lambda r: r.id)
+            self._place(rows)
         if rows:
             wakeup.signal(self._channel)
+
+    def _place(self, rows: list[_Row]) -> None:
+        """Make ``rows`` visible in their sequences; the caller holds the lock."""
+        for row in rows:
+            sequence = self._sequences.setdefault((row.topic, row.key), [])
+            bisect.insort(sequence, row, key=lambda r: r.id)
 
     # -- the Store protocol --------------------------------------------------------------------
 
@@ -268,6 +287,7 @@ class InMemoryStore:
 
     def _close_batch(self, batch: BufferedBatch) -> None:
         lost = []
+        follow_ups: list[_Row] = []
         with self._lock:
             now = self.clock()
             self._handed_out.difference_update(int(m.id) for m in batch.messages)
@@ -278,21 +298,40 @@ class InMemoryStore:
                     continue
                 if sequence not in batch.passed_on:  # else the batch read ahead holds it now
                     del self._leases[sequence]
-                self._apply(sequence, batch.outcomes.get(sequence, []), now)
+                outcomes = batch.outcomes.get(sequence, [])
+                follow_ups += self._apply(sequence, outcomes, batch.details, now)
+            self._place(follow_ups)
+        if follow_ups:
+            wakeup.signal(self._channel)
         if lost:
             names = ", ".join(f"{t}/{k or '*'}" for t, k in lost)
             raise LeaseLost(f"in-memory store: the lease of {names} was taken over")
 
-    def _apply(self, sequence: SequenceKey, outcomes: list[MarkedOutcome], now: float) -> None:
+    def _apply(
+        self,
+        sequence: SequenceKey,
+        outcomes: list[MarkedOutcome],
+        details: dict[str, MarkDetails],
+        now: float,
+    ) -> list[_Row]:
+        """Apply one sequence's marks; return the rows of the follow-ups they carry."""
         rows = self._sequences.get(sequence, [])
         by_id = {row.id: row for row in rows}
         gone: set[int] = set()
+        follow_ups: list[_Row] = []
         for kind, message, error, retry_after in outcomes:
             row = by_id.get(int(message.id))
             if row is None:
                 continue
+            extra = details.get(message.id) if details else None
+            if extra is not None:
+                if extra.progress is not None:
+                    row.progress = extra.progress
+                follow_ups += [self._make_row(entry) for entry in extra.follow_ups]
             if kind == "published":
                 gone.add(row.id)
+                if extra is not None and extra.keep:
+                    self._settled[row.id] = _Settled(row, error or "", now)
                 continue
             row.attempts += 1
             row.last_error = error
@@ -306,6 +345,7 @@ class InMemoryStore:
                 )
         if gone:
             rows[:] = [row for row in rows if row.id not in gone]
+        return follow_ups
 
     # -- wake-ups ------------------------------------------------------------------------------
 
@@ -381,6 +421,37 @@ class InMemoryStore:
             for topic, (p, oldest, d) in sorted(stats.items())
             if p or d
         ]
+
+    # -- ProgressStore -------------------------------------------------------------------------
+
+    def find_message(self, id: str) -> MessageRecord | None:
+        """The message of outbox id ``id``: pending, blocked, parked or settled (kept)."""
+        [number] = integer_ids([id])
+        with self._lock:
+            if (settled := self._settled.get(number)) is not None:
+                return MessageRecord(
+                    settled.row.message(), "settled", None,
+                    datetime.fromtimestamp(settled.settled_at, UTC), settled.publish_id,
+                )  # fmt: skip
+            row, state = self._dead.get(number), "parked"
+            if row is None:
+                row = next((r for rows in self._sequences.values() for r in rows
+                            if r.id == number), None)  # fmt: skip
+                state = "blocked" if row is not None and row.available_at is None else "pending"
+            if row is None:
+                return None
+            since = None if row.failed_at is None else datetime.fromtimestamp(row.failed_at, UTC)
+            return MessageRecord(row.message(), state, row.last_error, since)  # type: ignore[arg-type]
+
+    def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """Delete the kept settled messages of ``topic`` settled more than ``older_than`` ago."""
+        with self._lock:
+            cutoff = self.clock() - older_than.total_seconds()
+            old = [i for i, s in self._settled.items() if s.row.topic == topic
+                   and s.settled_at < cutoff]  # fmt: skip
+            for id_ in old:
+                del self._settled[id_]
+        return len(old)
 
     def pending_ids(self) -> list[str]:
         """The ids of every message not yet published (test helper)."""
