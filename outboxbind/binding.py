@@ -50,6 +50,7 @@ class BoundTopic(Generic[T]):
         *,
         attributes: Mapping[str, str] | None = None,
         deliver_after: datetime | timedelta | None = None,
+        correlation_id: str | None = None,
     ) -> str:
         """Validate and encode ``message`` and write it to the outbox; return its outbox id.
 
@@ -60,8 +61,15 @@ class BoundTopic(Generic[T]):
             message: the message, of the topic's type.
             attributes: string attributes to publish with it.
             deliver_after: publish no earlier than this instant or after this delay.
+            correlation_id: an id to trace the message by (a request id, say); by default the
+                one set by :func:`outboxbind.tracing.correlation`, if any.
         """
-        entry = self.topic.make_entry(message, attributes=attributes, deliver_after=deliver_after)
+        entry = self.topic.make_entry(
+            message,
+            attributes=attributes,
+            deliver_after=deliver_after,
+            correlation_id=correlation_id,
+        )
         return self.persister(entry)
 
     def __repr__(self) -> str:
@@ -83,9 +91,15 @@ class AsyncBoundTopic(Generic[T]):
         *,
         attributes: Mapping[str, str] | None = None,
         deliver_after: datetime | timedelta | None = None,
+        correlation_id: str | None = None,
     ) -> str:
         """See :meth:`BoundTopic.publish`."""
-        entry = self.topic.make_entry(message, attributes=attributes, deliver_after=deliver_after)
+        entry = self.topic.make_entry(
+            message,
+            attributes=attributes,
+            deliver_after=deliver_after,
+            correlation_id=correlation_id,
+        )
         return await self.persister(entry)
 
     def __repr__(self) -> str:

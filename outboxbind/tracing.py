@@ -1,13 +1,45 @@
-"""W3C trace context: captured when a message is written, sent with it when it is published.
+"""W3C trace context and correlation ids: captured when a message is written, sent with it when
+it is published, and current again while a handler runs for it.
 
-Uses OpenTelemetry when it is installed and a span is active; otherwise costs one check.
+Trace context uses OpenTelemetry when it is installed and a span is active; otherwise it costs one
+check. A correlation id is yours: pass ``correlation_id=`` to ``publish()``, or set it for a
+block (a request, say) with :func:`correlation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
-__all__ = ["current_traceparent"]
+__all__ = ["CORRELATION_ATTRIBUTE", "correlation", "current_correlation_id", "current_traceparent"]
+
+CORRELATION_ATTRIBUTE = "outbox-correlation-id"
+"""The attribute a message's correlation id travels in (to handlers, and to consumers)."""
+
+_correlation_id: ContextVar[str | None] = ContextVar("outboxbind_correlation_id", default=None)
+
+
+def current_correlation_id() -> str | None:
+    """The correlation id set by the innermost :func:`correlation` block, or ``None``."""
+    return _correlation_id.get()
+
+
+@contextlib.contextmanager
+def correlation(correlation_id: str | None) -> Iterator[None]:
+    """Within the block, messages published without ``correlation_id=`` carry this one::
+
+        with correlation(request.headers["x-request-id"]):
+            bind(events, persister(conn)).publish(UserInvited(...))
+
+    A handler runs inside its message's correlation, so what it publishes carries it on.
+    ``None`` clears it for the block.
+    """
+    token = _correlation_id.set(correlation_id)
+    try:
+        yield
+    finally:
+        _correlation_id.reset(token)
 
 
 def _load() -> Callable[[], dict[str, str]] | None:

@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar, cast
 
 from outboxbind.errors import ConfigurationError, NotAttempted, TopicAlreadyRegistered
 from outboxbind.messages import PersistedMessage
@@ -25,6 +26,7 @@ from outboxbind.relay.engine import (
     Call,
     Collect,
     Effect,
+    GiveUp,
     Marks,
     Meanwhile,
     ProcessResult,
@@ -52,6 +54,10 @@ def _grace(timeout: float) -> float:
 
 #: How long ``stop()``, once its timeout has passed, waits for the loop to give its batches back.
 RELEASE_GRACE = 1.0
+
+#: How long a stopping relay waits for interrupted topics (handler topics) to report what their
+#: handlers finished, so that it is saved; within :data:`RELEASE_GRACE`.
+INTERRUPT_GRACE = 0.5
 
 
 def _checked_outcomes(
@@ -131,6 +137,7 @@ class _RelayBase:
         poll_interval: float = 1.0,
         poll_jitter: float = 0.2,
         max_store_backoff: float = 30.0,
+        purge_interval: float = 60.0,
         seed: int | None = None,
     ) -> None:
         if publish_timeout <= 0:
@@ -155,6 +162,9 @@ class _RelayBase:
             max_store_backoff=max_store_backoff,
             rng=random.Random(seed),
         )
+        if not purge_interval > 0:
+            raise ConfigurationError(f"purge_interval must be positive, not {purge_interval!r}")
+        self._engine.purge_interval = purge_interval
         self._control = StopControl()
         self._busy_topics: set[str] = set()  # timed out, and their call has not returned yet
 
@@ -166,29 +176,64 @@ class _RelayBase:
         topic: Topic[Any],
         *,
         retry: RetryPolicy | None = None,
-        poison: PoisonPolicy = "block",
+        poison: PoisonPolicy | None = None,
+        keep_settled: timedelta | None = None,
     ) -> None:
         """Let this relay publish the outbox messages of ``topic``.
 
         Args:
-            topic: the real topic; its name selects its messages in the outbox.
+            topic: the real topic (or a handler topic); its name selects its messages.
             retry: how failed publishes are retried (default :class:`RetryPolicy()`).
             poison: what happens after the last attempt: ``"block"`` keeps the message at the
-                head of its key until replayed, ``"park"`` moves it to the dead letters.
+                head of its key until replayed, ``"park"`` moves it to the dead letters. By
+                default the topic's ``default_poison``: ``"block"``, ``"park"`` for a handler
+                topic.
+            keep_settled: keep each published (settled) message this long, with what the topic
+                reported for it (a handler topic's results), instead of deleting it at once;
+                the relay purges older ones every ``purge_interval`` seconds. The store must be
+                a :class:`~outboxbind.store.ProgressStore`.
 
         Raises:
             TopicAlreadyRegistered: a topic of that name is already registered.
+            ConfigurationError: a bad policy, or the store cannot keep what the topic needs.
         """
         if not isinstance(topic, Topic):
             raise TypeError(f"register_topic() needs an outboxbind Topic, not {topic!r}")
+        if poison is None:
+            poison = cast("PoisonPolicy", topic.default_poison)
         if poison not in ("block", "park"):
             raise ConfigurationError(f"poison must be 'block' or 'park', not {poison!r}")
+        if keep_settled is not None and (
+            not isinstance(keep_settled, timedelta) or keep_settled <= timedelta(0)
+        ):
+            raise ConfigurationError(
+                f"keep_settled must be a positive timedelta (or None), not {keep_settled!r}"
+            )
         if topic.name in self._engine.topics:
             raise TopicAlreadyRegistered(
                 f"a topic named {topic.name!r} is already registered with this relay "
                 f"({self._engine.topics[topic.name].topic!r})"
             )
-        self._engine.topics[topic.name] = TopicRegistration(topic, retry or RetryPolicy(), poison)
+        if topic.keeps_progress or keep_settled is not None:
+            store = getattr(self._engine.store, "store", self._engine.store)  # see threaded()
+            if not callable(getattr(store, "purge_settled", None)):
+                needs = "keep_settled" if keep_settled is not None else f"{topic!r}"
+                raise ConfigurationError(
+                    f"{needs} needs a store that keeps progress and settled messages (a "
+                    f"ProgressStore, see outboxbind.store); {type(store).__name__} is not one"
+                )
+        self._engine.topics[topic.name] = TopicRegistration(
+            topic, retry or RetryPolicy(), poison, keep_settled
+        )
+
+    def _interrupt_topics(self) -> None:
+        """Ask every topic to end a running publish now and report what it knows (a handler
+        topic cancels its handlers); from any thread."""
+        for registration in list(self._engine.topics.values()):
+            try:
+                registration.topic.interrupt()
+            except Exception as exc:
+                log.warning("interrupting %r failed: %s", registration.topic, exc)
 
     @property
     def topics(self) -> dict[str, Topic[Any]]:
@@ -218,6 +263,8 @@ class Relay(_RelayBase):
         poll_jitter: fraction by which each idle sleep is randomly spread.
         max_store_backoff: the longest pause after repeated store errors, in seconds.
         publish_concurrency: how many topics of one batch are published at once.
+        purge_interval: seconds between purges of settled messages kept longer than their
+            topic's ``keep_settled``.
         seed: seed for the jitter's random numbers (tests).
     """
 
@@ -230,6 +277,7 @@ class Relay(_RelayBase):
         poll_jitter: float = 0.2,
         max_store_backoff: float = 30.0,
         publish_concurrency: int = 8,
+        purge_interval: float = 60.0,
         seed: int | None = None,
     ) -> None:
         super().__init__(
@@ -238,6 +286,7 @@ class Relay(_RelayBase):
             poll_interval=poll_interval,
             poll_jitter=poll_jitter,
             max_store_backoff=max_store_backoff,
+            purge_interval=purge_interval,
             seed=seed,
         )
         self.store = store
@@ -260,6 +309,11 @@ class Relay(_RelayBase):
         """Run one round now: publish up to ``limit`` due messages and return what happened."""
         self._check_ready(limit, "limit")
         return self._drive(self._engine.process(limit))
+
+    def purge_settled(self) -> int:
+        """Delete now the kept settled messages older than their topic's ``keep_settled`` (the
+        poll loop does it every ``purge_interval`` seconds); return how many."""
+        return self._drive(self._engine.purge_settled())
 
     def poll_for_messages(self, batch_size: int = 100) -> None:
         """Publish messages as they are committed, until :meth:`stop` is called.
@@ -316,8 +370,11 @@ class Relay(_RelayBase):
         self._wakeup.set()
         if self._stopped.is_set():
             return True  # kept for the next loop
+        if not drain:
+            self._interrupt_topics()
         if self._stopped.wait(timeout):
             return control.drained or not drain
+        self._interrupt_topics()
         control.give_up()
         if not give_up.done():
             give_up.set_result(None)
@@ -366,11 +423,13 @@ class Relay(_RelayBase):
         if isinstance(effect, Call):
             return getattr(effect.target, effect.method)(*effect.args)
         if isinstance(effect, Marks):
-            record = getattr(effect.batch, "record", None)
+            batch: Any = effect.batch
+            if effect.details:
+                batch.add_details(effect.details)
+            record = getattr(batch, "record", None)
             if record is not None:  # a buffered batch takes them all at once
                 record(effect.marks)
                 return None
-            batch: Any = effect.batch
             for kind, message, detail, retry_after in effect.marks:
                 if kind == "published":
                     batch.mark_published(message, detail)
@@ -381,6 +440,8 @@ class Relay(_RelayBase):
             return None
         if isinstance(effect, Publish):
             return self._publish(effect)
+        if isinstance(effect, GiveUp):
+            return effect.topic.given_up(effect.message, effect.error)
         if isinstance(effect, Meanwhile):
             if self._store_threads is None:
                 self._store_threads = DaemonThreadPool(2, "outboxbind-store")
@@ -419,6 +480,9 @@ class Relay(_RelayBase):
             if left <= 0:
                 break
             done, _ = wait([*waiting, give_up], timeout=left, return_when=FIRST_COMPLETED)
+            waiting -= done
+        if waiting and give_up.done():  # the topics were interrupted: take what they report
+            done, _ = wait(waiting, timeout=INTERRUPT_GRACE)
             waiting -= done
         cut_short = stop_bounds or give_up.done()
         results: list[list[PublishOutcome]] = []
@@ -475,6 +539,7 @@ class AsyncRelay(_RelayBase):
         poll_jitter: float = 0.2,
         max_store_backoff: float = 30.0,
         publish_concurrency: int = 8,
+        purge_interval: float = 60.0,
         seed: int | None = None,
     ) -> None:
         # sync topics and a sync store run on the relay's own threads, never the loop's default
@@ -488,6 +553,7 @@ class AsyncRelay(_RelayBase):
             poll_interval=poll_interval,
             poll_jitter=poll_jitter,
             max_store_backoff=max_store_backoff,
+            purge_interval=purge_interval,
             seed=seed,
         )
         self.store: AsyncStore = store  # type: ignore[assignment]
@@ -506,6 +572,10 @@ class AsyncRelay(_RelayBase):
         """Run one round now: publish up to ``limit`` due messages and return what happened."""
         self._check_ready(limit, "limit")
         return await self._drive(self._engine.process(limit))
+
+    async def purge_settled(self) -> int:
+        """See :meth:`Relay.purge_settled`."""
+        return await self._drive(self._engine.purge_settled())
 
     async def poll_for_messages(self, batch_size: int = 100) -> None:
         """Publish messages as they are committed until :meth:`stop`; run it as a task."""
@@ -562,12 +632,15 @@ class AsyncRelay(_RelayBase):
             return True
         stopped, give_up = self._stopped, self._give_up
         assert stopped is not None
+        if not drain:
+            self._interrupt_topics()
         try:
             await asyncio.wait_for(stopped.wait(), timeout)
         except TimeoutError:
             pass
         else:
             return control.drained or not drain
+        self._interrupt_topics()
         control.give_up()
         if give_up is not None and not give_up.done():
             give_up.set_result(None)
@@ -612,11 +685,16 @@ class AsyncRelay(_RelayBase):
         if isinstance(effect, Call):
             return await getattr(effect.target, effect.method)(*effect.args)
         if isinstance(effect, Marks):
-            record = getattr(effect.batch, "record", None)
+            batch: Any = effect.batch
+            if effect.details:
+                if inspect.iscoroutinefunction(batch.add_details):
+                    await batch.add_details(effect.details)
+                else:
+                    batch.add_details(effect.details)  # buffered: no I/O
+            record = getattr(batch, "record", None)
             if record is not None and not inspect.iscoroutinefunction(record):
                 record(effect.marks)  # a buffered batch takes them all at once, without I/O
                 return None
-            batch: Any = effect.batch
             for kind, message, detail, retry_after in effect.marks:
                 if kind == "published":
                     await batch.mark_published(message, detail)
@@ -629,6 +707,8 @@ class AsyncRelay(_RelayBase):
             return await asyncio.gather(
                 *(self._publish_group(topic, msgs, effect.timeout) for topic, msgs in effect.groups)
             )
+        if isinstance(effect, GiveUp):
+            return await effect.topic.given_up_async(effect.message, effect.error)
         if isinstance(effect, Meanwhile):
             self._in_flight = [asyncio.ensure_future(self._perform(c)) for c in effect.calls]
             return self._in_flight
@@ -668,6 +748,9 @@ class AsyncRelay(_RelayBase):
         give_up = self._give_up
         waits: set[asyncio.Future[Any]] = {call} if give_up is None else {call, give_up}
         await asyncio.wait(waits, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
+        if not call.done() and give_up is not None and give_up.done():
+            # the topics were interrupted: take what they report
+            await asyncio.wait({call}, timeout=INTERRUPT_GRACE)
         if not call.done():
             if native:
                 call.cancel()

@@ -8,7 +8,9 @@ The engine does no I/O. Its two generators, :meth:`RelayEngine.process` (one rou
 * :class:`Publish` - publish a batch's messages, one group per topic, concurrently;
 * :class:`Sleep` - wait between rounds, ending early on a wake-up or a stop;
 * :class:`Meanwhile`, :class:`Collect` - start store calls in the background, then wait for
-  them (the poll loop closes the last batch and reads the next one ahead while it publishes).
+  them (the poll loop closes the last batch and reads the next one ahead while it publishes);
+* :class:`GiveUp` - tell a topic that a message used up its attempts (a handler topic runs its
+  max-errors hook); the messages it returns are written with the failure.
 
 A driver (``outboxbind.relay.Relay`` or ``AsyncRelay``) performs each effect and sends its
 result back in, or throws its exception in. So every decision (what to ack, when to retry, when
@@ -21,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Generator, Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -29,12 +31,13 @@ import attrs
 from outboxbind.errors import NotAttempted, SchemaTooNew, UnpublishableError
 from outboxbind.messages import PersistedMessage
 from outboxbind.relay.policy import PoisonPolicy, RetryPolicy
-from outboxbind.store import MarkedOutcome
+from outboxbind.store import MarkDetails, MarkedOutcome
 from outboxbind.topics import Topic
 
 __all__ = [
     "Call",
     "Collect",
+    "GiveUp",
     "Marks",
     "Meanwhile",
     "ProcessResult",
@@ -76,11 +79,23 @@ class Marks:
     ``mark_failed(message, detail, retry_after)`` or ``mark_dead(message, detail)``.
 
     One effect per round rather than one per message: the marks are computed here, performed
-    there (all at once when the batch has ``record``, as buffered batches do).
+    there (all at once when the batch has ``record``, as buffered batches do). ``details``, by
+    message id, go to the batch's ``add_details`` first (progress, follow-ups, keep).
     """
 
     batch: object
     marks: list[MarkedOutcome]
+    details: dict[str, MarkDetails] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class GiveUp:
+    """Effect: ``topic.given_up(message, error)`` (``given_up_async``, awaited, by the asyncio
+    driver): the entries it returns are written in the transaction that records the failure."""
+
+    topic: Topic[Any]
+    message: PersistedMessage
+    error: BaseException
 
 
 @attrs.frozen
@@ -111,16 +126,27 @@ class Collect:
     handle: object
 
 
-Effect = Call | Collect | Marks | Meanwhile | Publish | Sleep
+Effect = Call | Collect | GiveUp | Marks | Meanwhile | Publish | Sleep
 
 
 @attrs.frozen
 class TopicRegistration:
-    """A topic registered with a relay, with its policies."""
+    """A topic registered with a relay, with its policies.
+
+    Attributes:
+        keep_settled: keep published (settled) messages this long, with what the topic reported
+            for them; ``None`` deletes them at once.
+    """
 
     topic: Topic[Any]
     retry: RetryPolicy
     poison: PoisonPolicy
+    keep_settled: timedelta | None = None
+
+    @property
+    def runs_hook(self) -> bool:
+        """Whether the topic wants to hear of messages given up on (:meth:`Topic.given_up`)."""
+        return type(self.topic).given_up is not Topic.given_up
 
 
 @attrs.frozen
@@ -213,6 +239,17 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _settled(outcome: str) -> MarkDetails:
+    """What to keep with a settled message: what its topic reported for it (a handler topic's
+    final progress)."""
+    progress = getattr(outcome, "progress", None)
+    return MarkDetails(progress=progress if isinstance(progress, str) else None, keep=True)
+
+
+def _verb(registration: TopicRegistration) -> str:
+    return "handling" if registration.topic.keeps_progress else "publishing"
+
+
 def _where(message: PersistedMessage) -> str:
     """A message for the log: its outbox id, topic and ordering key."""
     key = f"key {message.ordering_key!r}" if message.ordering_key is not None else "no key"
@@ -281,6 +318,9 @@ class RelayEngine:
         self.rng = rng
         self.totals = {"published": 0, "failed": 0, "dead": 0, "store_errors": 0}
         self.outage = StoreOutage()
+        #: Seconds between purges of kept settled messages (topics registered with keep_settled).
+        self.purge_interval = 60.0
+        self._next_purge = 0.0  # time.monotonic() of the next purge
         #: The batches not yet closed, oldest first, so a driver that is cancelled mid-round
         #: (task cancellation, KeyboardInterrupt) can close them instead of leaving them leased.
         self.open_batches: list[Any] = []
@@ -356,29 +396,46 @@ class RelayEngine:
             if calls:
                 background = Collect(tuple(calls), (yield Meanwhile(tuple(calls))))
             outcomes = yield publish
+            details: dict[str, MarkDetails] = {}
+            given_up: list[tuple[int, TopicRegistration, BaseException]] = []
             for name, group_outcomes in zip(groups, outcomes, strict=True):
                 group = groups[name]
+                registration = self.topics[name]
+                keep = registration.keep_settled is not None
                 if all(isinstance(outcome, str) for outcome in group_outcomes):  # all published
                     pairs = zip(group, group_outcomes, strict=True)
                     marks += [("published", message, outcome, None) for message, outcome in pairs]
                     successes += len(group)
+                    if keep:
+                        for message, outcome in zip(group, group_outcomes, strict=True):
+                            details[message.id] = _settled(outcome)
                     continue
-                registration = self.topics[name]
                 for message, outcome in zip(group, group_outcomes, strict=True):
                     if isinstance(outcome, str):
                         marks.append(("published", message, outcome, None))
                         successes += 1
+                        if keep:
+                            details[message.id] = _settled(outcome)
                     elif isinstance(outcome, NotAttempted):
                         continue  # released on close, no attempt counted
                     else:
                         errors += 1
                         mark = self._failure(registration, message, outcome)
+                        progress = getattr(outcome, "progress", None)
+                        if isinstance(progress, str):
+                            details[message.id] = MarkDetails(progress=progress)
+                        if (mark[0] == "dead" or mark[3] is None) and registration.runs_hook:
+                            given_up.append((len(marks), registration, outcome))
                         marks.append(mark)
-                        if mark[0] == "dead" or mark[3] is None:
-                            dead += 1
-                            parked += mark[0] == "dead"
+            for index, registration, outcome in given_up:
+                mark = marks[index]
+                marks[index] = yield from self._give_up(registration, mark, outcome, details)
+            for kind, _, _, retry_after in marks:
+                if kind == "dead" or (kind == "failed" and retry_after is None):
+                    dead += 1
+                    parked += kind == "dead"
             if marks:
-                yield Marks(batch, marks)
+                yield Marks(batch, marks, details)
         except Exception as exc:
             store_error = exc
             self.outage.failed("recording publish outcomes", exc)
@@ -470,22 +527,59 @@ class RelayEngine:
             groups.setdefault(message.topic, []).append(message)
         return groups
 
+    def _give_up(
+        self,
+        registration: TopicRegistration,
+        mark: MarkedOutcome,
+        error: BaseException,
+        details: dict[str, MarkDetails],
+    ) -> Generator[Effect, Any, MarkedOutcome]:
+        """Tell the topic a message is given up on; the messages it writes go with the failure.
+        When the topic fails to (its hook raised), the message is not given up on this time:
+        it is tried again after the policy's longest delay, and given up on then."""
+        _, message, text, _ = mark
+        try:
+            follow_ups = yield GiveUp(registration.topic, message, error)
+        except Exception as exc:
+            delay = registration.retry.delay(registration.retry.max_attempts, self.rng.random)
+            log.error(
+                "the max-errors hook of %r failed for %s, so it is not given up on yet; "
+                "retry in %.2fs: %s", registration.topic, _where(message), delay, _describe(exc),
+                exc_info=exc,
+            )  # fmt: skip
+            text = f"{text} (then the max-errors hook failed: {_describe(exc)})"
+            return ("failed", message, text, timedelta(seconds=delay))
+        if follow_ups:
+            saved = details.get(message.id)
+            progress = saved.progress if saved is not None else None
+            details[message.id] = MarkDetails(progress=progress, follow_ups=follow_ups)
+        return mark
+
     def _failure(
         self, registration: TopicRegistration, message: PersistedMessage, error: BaseException
     ) -> MarkedOutcome:
         """The mark for a failed publish: retried later (``failed`` with a delay), or given up on
-        (``dead``: parked; ``failed`` without a delay: blocked until replayed)."""
+        (``dead``: parked; ``failed`` without a delay: blocked until replayed). An error with a
+        ``retry_at`` (a handler's :class:`~outboxbind.handlers.RetryAt`) sets the time."""
         attempts = message.attempts + 1
         text = _describe(error)
         unpublishable = isinstance(error, UnpublishableError)
         if not unpublishable and attempts < registration.retry.max_attempts:
-            delay = registration.retry.delay(attempts, self.rng.random)
+            retry_at = getattr(error, "retry_at", None)
+            if isinstance(retry_at, datetime):
+                delay = max(0.0, (retry_at - datetime.now(UTC)).total_seconds())
+            else:
+                delay = registration.retry.delay(attempts, self.rng.random)
             log.warning(
-                "publishing %s failed, attempt %d of %d, retry in %.2fs: %s",
-                _where(message), attempts, registration.retry.max_attempts, delay, text,
+                "%s %s failed, attempt %d of %d, retry in %.2fs: %s",
+                _verb(registration), _where(message), attempts, registration.retry.max_attempts,
+                delay, text,
             )  # fmt: skip
             return ("failed", message, text, timedelta(seconds=delay))
-        why = "is unpublishable" if unpublishable else f"failed {attempts} attempt(s)"
+        if unpublishable:
+            why = "cannot be handled" if registration.topic.keeps_progress else "is unpublishable"
+        else:
+            why = f"failed {attempts} attempt(s)"
         if registration.poison == "park":
             log.error("%s %s, parked as a dead letter: %s", _where(message), why, text)
             return ("dead", message, text, None)
@@ -505,6 +599,8 @@ class RelayEngine:
         hints_left = 0
         pipeline = _Pipeline()
         while not control.should_stop_now():
+            if time.monotonic() >= self._next_purge:
+                yield from self.purge_settled()
             # only a round begun after stop() was asked can tell that the outbox is drained:
             # one already running may have looked before the last commit
             stopping = control.requested
@@ -536,6 +632,28 @@ class RelayEngine:
             if woken:
                 hints_left = len(self.HINT_DELAYS)
         yield from self.flush(pipeline)
+
+    def purge_settled(self) -> Generator[Effect, Any, int]:
+        """Delete the kept settled messages older than their topic's ``keep_settled``; the poll
+        loop calls it every :attr:`purge_interval` seconds. Returns how many; a store error is
+        logged and left for the next time."""
+        self._next_purge = time.monotonic() + self.purge_interval
+        purged = 0
+        for name, registration in self.topics.items():
+            if registration.keep_settled is None:
+                continue
+            try:
+                count = yield Call(self.store, "purge_settled", (name, registration.keep_settled))
+            except Exception as exc:
+                log.warning(
+                    "purging the settled messages of topic %r failed (tried again in %.0fs): %s",
+                    name, self.purge_interval, _describe(exc),
+                )  # fmt: skip
+                continue
+            purged += count
+            if count:
+                log.info("purged %d settled messages of topic %r", count, name)
+        return purged
 
     def _idle_delay(self) -> float:
         spread = self.poll_jitter * (2.0 * self.rng.random() - 1.0)

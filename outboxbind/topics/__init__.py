@@ -25,7 +25,7 @@ from outboxbind.errors import (
     PublishError,
 )
 from outboxbind.messages import OutboxEntry, PersistedMessage
-from outboxbind.tracing import current_traceparent
+from outboxbind.tracing import CORRELATION_ATTRIBUTE, current_correlation_id, current_traceparent
 
 __all__ = [
     "MAX_TOPIC_NAME_BYTES",
@@ -125,6 +125,12 @@ class Topic(ABC, Generic[T]):
         self.max_attributes = max_attributes
         self.strict_sequence = strict_sequence
 
+    #: The poison policy a relay applies when ``register_topic`` is not given one.
+    default_poison: str = "block"
+    #: Whether the relay must save what :meth:`publish_batch` reports with its outcomes (a
+    #: handler topic's progress): its store must then be a :class:`~outboxbind.store.ProgressStore`.
+    keeps_progress: bool = False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -136,8 +142,13 @@ class Topic(ABC, Generic[T]):
         *,
         attributes: Mapping[str, str] | None = None,
         deliver_after: datetime | timedelta | None = None,
+        correlation_id: str | None = None,
     ) -> OutboxEntry:
         """Encode and validate ``message`` into the entry a persister writes.
+
+        ``correlation_id`` (or else the one set by :func:`outboxbind.tracing.correlation`) goes
+        with the message in the ``outbox-correlation-id`` attribute, as the active trace
+        context goes in ``traceparent``.
 
         Raises:
             EncodeError: the codec refused the message.
@@ -168,6 +179,19 @@ class Topic(ABC, Generic[T]):
         trace = current_traceparent()
         if trace:
             attrs_ = {**trace, **(attrs_ or {})}
+        if correlation_id is None:
+            correlation_id = current_correlation_id()
+        if correlation_id is not None:
+            if not isinstance(correlation_id, str) or not correlation_id:
+                raise InvalidAttributes(
+                    f"topic {self.name!r}: a correlation id must be a non-empty str, "
+                    f"not {correlation_id!r}"
+                )
+            if problem := unwritable_text(correlation_id):
+                raise InvalidAttributes(
+                    f"topic {self.name!r}: the correlation id {correlation_id[:80]!r} {problem}"
+                )
+            attrs_ = {**(attrs_ or {}), CORRELATION_ATTRIBUTE: correlation_id}
         entry = OutboxEntry(
             topic=self.name,
             data=data,
@@ -303,6 +327,23 @@ class Topic(ABC, Generic[T]):
         * give up after ``timeout`` seconds, reporting :class:`TimeoutError` for what is not
           confirmed.
         """
+
+    def interrupt(self) -> None:
+        """Ask a running :meth:`publish_batch` to end now and report what it knows (the relay
+        calls it, from any thread, when it stops without waiting). The base class does nothing:
+        a publish is left to finish or time out."""
+
+    def given_up(self, message: PersistedMessage, error: BaseException) -> list[OutboxEntry]:
+        """Called by the relay when it gives up on ``message`` after its last attempt, before
+        the failure is recorded; the entries returned are written in the same transaction that
+        records it. The base class writes none (a handler topic runs its max-errors hook)."""
+        return []
+
+    async def given_up_async(
+        self, message: PersistedMessage, error: BaseException
+    ) -> list[OutboxEntry]:
+        """The asyncio face of :meth:`given_up`."""
+        return self.given_up(message, error)
 
     @property
     def async_native(self) -> bool:
