@@ -661,6 +661,8 @@ class HandlerTopic(Topic[T], Generic[T]):
     ) -> BaseException | None:
         """Run one handler; return its error, or ``None`` when it succeeded."""
         message_id, name = context.message.id, context.handler
+        if run.interrupted:  # asked to stop before this handler began: it does not begin
+            return HandlerCancelled("not started: the relay asked the handlers to stop")
         try:
             with correlation(context.correlation_id):
                 if inspect.iscoroutinefunction(handler):

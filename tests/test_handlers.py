@@ -417,7 +417,10 @@ def test_stop_cancels_running_handlers_and_saves_what_finished(
             token_seen.set()
             context.cancellation.raise_if_cancelled()
 
+    async_started = threading.Event()
+
     async def sleeps(event: Event, context: HandlerContext) -> None:
+        async_started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -435,6 +438,7 @@ def test_stop_cancels_running_handlers_and_saves_what_finished(
     loop = threading.Thread(target=relay.poll_for_messages)
     loop.start()
     assert started.wait(10)
+    assert async_started.wait(10)
     begun = time.monotonic()
     relay.stop(drain=False, timeout=10)
     loop.join(10)
