@@ -23,8 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 
 from outboxbind.errors import ConfigurationError, OutboxError
+from outboxbind.handlers import handler_results
 from outboxbind.relay import RELEASE_GRACE, Relay
-from outboxbind.store import DeadLetterAdmin
+from outboxbind.store import DeadLetterAdmin, ProgressStore
 
 __all__ = ["main", "open_store"]
 
@@ -185,6 +186,61 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    store = open_store(args.store, migrate=False, create=False)
+    if not isinstance(store, ProgressStore):
+        raise ConfigurationError(f"{args.store!r}: this store cannot look messages up by id")
+    record = store.find_message(args.id)
+    if record is None:
+        print(f"no message {args.id} in the outbox (never written, or deleted once published)")
+        return 1
+    message = record.message
+    try:
+        results = handler_results(record) if message.progress else {}
+    except ValueError:
+        results = {}  # progress of another kind than a handler topic's: shown as it is
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "id": message.id,
+                    "topic": message.topic,
+                    "ordering_key": message.ordering_key,
+                    "state": record.state,
+                    "attempts": message.attempts,
+                    "created_at": message.created_at.isoformat(),
+                    "error": record.error,
+                    "since": record.since.isoformat() if record.since else None,
+                    "publish_id": record.publish_id,
+                    "attributes": dict(message.attributes),
+                    "progress": json.loads(message.progress) if message.progress else None,
+                }
+            )
+        )
+        return 0
+    print(f"message {message.id}: {record.state}")
+    print(f"  topic {message.topic!r}, key {message.ordering_key or '-'}")
+    print(f"  written {message.created_at.isoformat()}, {message.attempts} failed attempt(s)")
+    if record.since is not None:
+        print(f"  {'settled' if record.state == 'settled' else 'last failed'} {record.since}")
+    if record.publish_id:
+        print(f"  publish id {record.publish_id}")
+    if record.error:
+        print(f"  last error: {record.error}")
+    for name, result in sorted(results.items()):
+        if result.processed_at is not None:
+            state = f"succeeded {result.processed_at.isoformat()}"
+        elif result.unprocessable_at is not None:
+            state = f"unprocessable {result.unprocessable_at.isoformat()}"
+        else:
+            state = "not yet succeeded"
+        line = f"  handler {name}: {state}, {result.errors} error(s)"
+        print(f"{line}; last: {result.last_error}" if result.last_error else line)
+    if message.progress and not results:
+        print(f"  progress: {message.progress}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outboxbind", description=__doc__)
     parser.add_argument("--log-level", **_log_level_option("INFO"))
@@ -219,6 +275,14 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--topic", help="only this topic (list)")
     dead.add_argument("--limit", type=int, default=100)
     dead.set_defaults(run=_dead_letters)
+
+    show = commands.add_parser(
+        "show", help="one message: where it stands, its last error, its handlers' results"
+    )
+    show.add_argument("store", help="store URL")
+    show.add_argument("id", help="the message's outbox id")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(run=_show)
 
     commands.add_parser("demo", help="run the SQLite demo (see: outboxbind demo --help)")
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Literal
 
 import attrs
@@ -39,6 +40,9 @@ class RetryPolicy:
         max_delay: the longest delay in seconds.
         multiplier: growth factor per attempt.
         jitter: the fraction by which a delay is randomly spread, in ``[0, 1)``.
+        backoff: a function of the attempt count giving the delay (seconds, or a timedelta)
+            instead of the exponential formula; used as it is, without jitter (txob's
+            ``backoff`` option).
     """
 
     max_attempts: int = attrs.field(default=10)
@@ -46,6 +50,7 @@ class RetryPolicy:
     max_delay: float = attrs.field(default=300.0, validator=_positive)
     multiplier: float = attrs.field(default=2.0, validator=_positive)
     jitter: float = attrs.field(default=0.2)
+    backoff: Callable[[int], float | timedelta] | None = attrs.field(default=None)
 
     @max_attempts.validator
     def _check_attempts(self, _attribute: attrs.Attribute[int], value: int) -> None:
@@ -57,8 +62,17 @@ class RetryPolicy:
         if not 0 <= value < 1:
             raise ConfigurationError(f"RetryPolicy.jitter must be in [0, 1), not {value!r}")
 
+    @backoff.validator
+    def _check_backoff(self, _attribute: attrs.Attribute[object], value: object) -> None:
+        if value is not None and not callable(value):
+            raise ConfigurationError(f"RetryPolicy.backoff must be callable, not {value!r}")
+
     def delay(self, attempts: int, random: Callable[[], float]) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt; ``random()`` is in [0, 1)."""
+        if self.backoff is not None:
+            chosen = self.backoff(attempts)
+            seconds = chosen.total_seconds() if isinstance(chosen, timedelta) else float(chosen)
+            return max(0.0, seconds)
         exponent = max(0, attempts - 1)
         base = min(self.max_delay, self.initial_delay * self.multiplier ** min(exponent, 64))
         return base * (1.0 - self.jitter + 2.0 * self.jitter * random())
