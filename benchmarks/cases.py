@@ -35,7 +35,8 @@ from benchmarks.common import (
     taking_turns,
     timed,
 )
-from outboxbind import AsyncRelay, OutboxEntry, PersistedMessage, bind
+from outboxbind import AsyncRelay, BytesCodec, OutboxEntry, PersistedMessage, bind
+from outboxbind.handlers import HandlerContext, HandlerTopic
 from outboxbind.stores.postgres import AsyncPostgresStore, persister
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.stores.sqlite import SQLiteStore
@@ -311,6 +312,54 @@ def latency_null(quick: bool) -> Figure:
     )  # fmt: skip
 
 
+# -- handler topics (txob's event processor) ------------------------------------------------------
+
+
+def drain_handlers(batch: int, style: str) -> Case:
+    """The relay running two no-op handlers per event (a handler topic) over a PostgreSQL
+    backlog, against the same relay draining the same backlog to a null topic (target 0.5).
+
+    What the handler topic adds is measured: decoding is the identity (``BytesCodec``, the type
+    from a function), the handlers do nothing, so the figure is the cost of running, tracking
+    and recording two handlers per event. ``style``: ``"async"`` (coroutines, on the batch's
+    event loop) or ``"sync"`` (plain functions, on the topic's threads).
+    """
+
+    async def nothing_async(event: bytes, context: HandlerContext) -> None:
+        return None
+
+    def nothing(event: bytes, context: HandlerContext) -> None:
+        return None
+
+    noop = nothing_async if style == "async" else nothing
+
+    def case(quick: bool) -> Figure:
+        count = 20_000 if quick else 100_000
+        runs = 3 if quick else 5
+
+        def null() -> float:
+            with relay_over_backlog(batch, count) as relay:
+                return relay.drain(count)
+
+        def handlers() -> float:
+            events = HandlerTopic(
+                "topic-0", BytesCodec(), {"Event": {"a": noop, "b": noop}},
+                type_of=lambda _event: "Event",
+            )  # fmt: skip
+            with relay_over_backlog(batch, count, sinks=[events]) as relay:
+                return relay.drain(count)
+
+        case_values, bound_values = taking_turns(null, handlers, runs)
+        return Figure(
+            f"handle PostgreSQL events, 2 {style} no-op handlers each, batch {batch}",
+            "same relay to a null topic", "msgs/s", case_values, bound_values,
+            higher_is_better=True, target=0.5,
+        )  # fmt: skip
+
+    case.__name__ = f"drain_handlers_{style}_b{batch}"
+    return case
+
+
 ALL: list[Case] = [
     publish_overhead,
     publish_overhead_async,
@@ -322,6 +371,8 @@ ALL: list[Case] = [
     drain_null(1000, 10, keyed=True),
     drain_null_async,
     latency_null,
+    drain_handlers(500, "async"),
+    drain_handlers(500, "sync"),
 ]
 
 

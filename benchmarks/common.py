@@ -241,13 +241,18 @@ class PollingRelay:
 
 @contextmanager
 def relay_over_backlog(
-    batch: int, count: int, topics: int = 1, keys: int = 0
+    batch: int,
+    count: int,
+    topics: int = 1,
+    keys: int = 0,
+    sinks: Sequence[Topic[Any]] | None = None,
 ) -> Iterator[PollingRelay]:
     """A :class:`PollingRelay` of null topics (``topic-0``...) on an outbox of its own, warmed
     up on a backlog of twenty batches there (connections open, statements prepared), with
     ``count`` more messages written for it to drain: over ``topics`` topics of ``keys``
-    ordering keys each, or unkeyed."""
-    sinks = [NullTopic(f"topic-{i}") for i in range(topics)]
+    ordering keys each, or unkeyed. ``sinks`` replaces the null topics (named alike)."""
+    if sinks is None:
+        sinks = [NullTopic(f"topic-{i}") for i in range(topics)]
     with outbox(pool_size=4) as (pool, schema, store), PollingRelay(store, sinks, batch) as relay:
         fill_fast(pool, schema, topics, 20 * batch, keys=keys)
         relay.drain(20 * batch)

@@ -39,7 +39,7 @@ async def publish(event: Event, context: HandlerContext) -> None:
 
 # txob's onEventMaxErrorsReached: a dead-letter event, written in the transaction that records
 # the failure (both commit, or neither does)
-alerts = HandlerTopic("alerts", JsonCodec(), {"EventFailed": {"page_ops": lambda e, c: None}})
+alerts = HandlerTopic("alerts", JsonCodec(dict), {"EventFailed": {"page_ops": lambda e, c: None}})
 
 
 def on_max_errors(reached: MaxErrorsReached) -> None:
@@ -50,7 +50,7 @@ def on_max_errors(reached: MaxErrorsReached) -> None:
 
 events = HandlerTopic(
     "events",
-    JsonCodec(),
+    JsonCodec(dict),  # events are dicts here; an attrs class or a dataclass works too
     {"UserInvited": {"send_email": send_email, "publish": publish}},
     type_of="type",  # the event's "type" field picks its handlers
     on_max_errors=on_max_errors,
@@ -86,7 +86,9 @@ def main() -> None:
             relay.register_topic(alerts)
 
             relay.process_messages()  # publish succeeds; send_email fails: retried later
-            results = handler_results(store.find_message(event_id))  # type: ignore[arg-type]
+            record = store.find_message(event_id)
+            assert record is not None
+            results = handler_results(record)
             assert results["publish"].succeeded
             assert results["send_email"].errors == 1
             assert "connection refused" in (results["send_email"].last_error or "")
