@@ -30,7 +30,7 @@ from outboxbind.store import (
     round_robin,
 )
 from outboxbind.stores.sqlite.persister import insert_entry, wakeup_channel
-from outboxbind.stores.sqlite.schema import check_version, migrate, queries_for
+from outboxbind.stores.sqlite.schema import check_version, migrate, newest_version, queries_for
 from outboxbind.wakeup import WakeupThread
 
 __all__ = ["SQLiteBatch", "SQLiteStore"]
@@ -160,13 +160,10 @@ class SQLiteStore:
         self._conn = _connect(self.path, busy_timeout, create=create)
         self._cursor: SequenceKey | None = None  # where the last checkout's sequence walk ended
         self._watcher: _CommitWatcher | None = None
-        self._schema_checked = False
+        self._schema_current = False  # the outbox is at the newest version this code knows
         try:
             if not create and self.schema_version() is None:
-                raise ConfigurationError(
-                    f"no outbox (table {table!r}) in the SQLite database {self.path!r}: create "
-                    "it with `outboxbind migrate sqlite:///PATH` or SQLiteStore(path)"
-                )
+                raise self._no_outbox()
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             if migrate:
@@ -186,7 +183,7 @@ class SQLiteStore:
         """
         with self._lock:
             applied = migrate(self._conn, self.table)
-            self._schema_checked = True
+            self._schema_current = True
             return applied
 
     def schema_version(self) -> int | None:
@@ -200,13 +197,40 @@ class SQLiteStore:
                 version = check_version(self._conn, self.table)
             except sqlite3.DatabaseError as exc:
                 raise _not_a_database(self.path, exc) from exc
-            self._schema_checked = True
+            self._schema_current = version == newest_version()
             return version
+
+    def _require_current_schema(self) -> None:
+        """Refuse an outbox this store did not migrate and that is older than this code reads,
+        naming the fix; once it is current, this costs nothing.
+
+        Raises:
+            ConfigurationError: no outbox, or one of an older schema version.
+            SchemaTooNew: a newer outboxbind migrated the outbox.
+        """
+        if self._schema_current:
+            return
+        version = self.schema_version()
+        if version is None:
+            raise self._no_outbox()
+        if version != newest_version():
+            raise ConfigurationError(
+                f"the outbox (table {self.table!r}) in the SQLite database {self.path!r} is at "
+                f"schema version {version}, older than this outboxbind reads (version "
+                f"{newest_version()}): upgrade it with `outboxbind migrate sqlite:///PATH` or "
+                "SQLiteStore(path)"
+            )
 
     def close(self) -> None:
         """Close the store's connection."""
         with self._lock:
             self._conn.close()
+
+    def _no_outbox(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"no outbox (table {self.table!r}) in the SQLite database {self.path!r}: create "
+            "it with `outboxbind migrate sqlite:///PATH` or SQLiteStore(path)"
+        )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -230,8 +254,7 @@ class SQLiteStore:
         """
         if not topic_names or limit <= 0:
             return None
-        if not self._schema_checked:
-            self.schema_version()  # a relay refuses to start on a schema it does not know
+        self._require_current_schema()  # a relay refuses to start on a schema it does not know
         topics = sorted(set(topic_names))
         if not self._anything_due(topics):
             return None
@@ -456,6 +479,7 @@ class SQLiteStore:
 
     def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Parked and blocked messages, oldest first."""
+        self._require_current_schema()
         with self._lock:
             rows = self._conn.execute(
                 self._q["list_dead_letters"], {"topic": topic, "limit": limit}
@@ -472,6 +496,7 @@ class SQLiteStore:
 
     def replay_dead_letters(self, ids: Sequence[str]) -> int:
         """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        self._require_current_schema()
         params = {"ids": json.dumps(integer_ids(ids)), "now": self.clock()}
         with self._write() as conn:
             unparked = conn.execute(self._q["unpark_dead_letters"], params).rowcount
@@ -507,6 +532,7 @@ class SQLiteStore:
     def find_message(self, id: str) -> MessageRecord | None:
         """The message of outbox id ``id``: pending, blocked, parked or settled (kept)."""
         [number] = integer_ids([id])
+        self._require_current_schema()
         with self._lock:
             row = self._conn.execute(self._q["find_message"], {"id": number}).fetchone()
         if row is None:
@@ -523,6 +549,7 @@ class SQLiteStore:
     def purge_settled(self, topic: str, older_than: timedelta) -> int:
         """Delete the kept settled messages of ``topic`` settled more than ``older_than`` ago;
         return how many."""
+        self._require_current_schema()
         with self._write() as conn:
             cutoff = self.clock() - older_than.total_seconds()
             purged: int = conn.execute(
