@@ -2,20 +2,24 @@
 
 A trigger made by the test fails the close transaction after it wrote a message's follow-ups;
 the rollback must take them back together with the mark and its progress, and leave the message
-to be checked out again as it was. Without the trigger, the same close commits both.
+to be checked out again as it was. Without the trigger, the same close commits both, and wakes
+(signals) the relays of its process for the follow-ups.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from outboxbind import wakeup
 from outboxbind.messages import OutboxEntry
 from outboxbind.store import MarkDetails
 from outboxbind.stores.sqlite import SQLiteStore, persister
+from outboxbind.stores.sqlite.persister import wakeup_channel
 from outboxbind.stores.sqlite.schema import queries_for
 from outboxbind.testing import FakeClock, entry
 
@@ -105,3 +109,23 @@ def test_purge_settled_searches_the_topic_index(db_path: Path, store: SQLiteStor
     assert [row[3] for row in plan] == [
         "SEARCH outbox_settled USING INDEX outbox_settled_topic_index (topic=? AND settled_at<?)"
     ]
+
+
+def test_a_close_that_writes_follow_ups_signals_the_relays_of_its_process(
+    db_path: Path, store: SQLiteStore
+) -> None:
+    [id_] = write(db_path, [entry()])
+    signalled = threading.Event()
+    # the channel the store's commit watcher listens on (its wake-up after the signal is its own
+    # business, and timing-dependent: not tested here)
+    unsubscribe = wakeup.subscribe(wakeup_channel(str(db_path)), signalled.set)
+    try:
+        batch = store.checkout_batch(["orders"], 10)
+        assert batch is not None
+        batch.add_details({id_: MarkDetails(follow_ups=[entry("dead-events")])})
+        batch.mark_dead(batch.messages[0], "max errors")
+        assert not signalled.is_set()
+        batch.close()
+        assert signalled.is_set()
+    finally:
+        unsubscribe()
