@@ -44,7 +44,7 @@ def test_migrate_applies_the_schema_once(
     assert main(["migrate", url]) == 0
     assert main(["migrate", url]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "applied migrations: [1]",
+        "applied migrations: [1, 2]",
         "the schema is up to date",
     ]
 

@@ -4,6 +4,9 @@ Each test records a schema version one above the newest this code ships (read fr
 migrations folder, not from the code under test), then checks that ``migrate()``, the store's
 construction where it migrates, the relay's first round and its poll loop all raise
 :class:`SchemaTooNew` instead of reporting "up to date" or relaying.
+
+The other way round, on SQLite: an outbox older than this code reads, opened without migrating
+(as the command line's inspections do), is refused with the fix named, until it is migrated.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from outboxbind import AsyncRelay, JsonCodec, Relay, SchemaTooNew
+from outboxbind import AsyncRelay, ConfigurationError, JsonCodec, Relay, SchemaTooNew
 from outboxbind.cli import main
 from outboxbind.stores.sqlite import SQLiteStore
 from outboxbind.topics.memory import InMemoryTopic
@@ -109,6 +112,74 @@ def test_sqlite_refuses_a_schema_newer_than_it_knows(
     with sqlite3.connect(db) as conn:  # nothing was changed
         assert conn.execute("SELECT MAX(version) FROM outbox_migrations").fetchone() == (found,)
     conn.close()
+
+
+@pytest.fixture
+def version_1_sqlite(tmp_path: Path) -> Path:
+    """An outbox as outboxbind's first schema version made it (migration 0001, applied by hand),
+    with a pending message and a parked one."""
+    db = tmp_path / "app.db"
+    script = (files("outboxbind.stores.sqlite.migrations") / "0001_create_outbox.sql").read_text()
+    tables = {
+        "outbox": '"outbox"',
+        "outbox_sequence_index": '"outbox_sequence_index"',
+        "outbox_waiting_index": '"outbox_waiting_index"',
+        "dead_letters": '"outbox_dead_letters"',
+        "leases": '"outbox_leases"',
+    }
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.executescript(script.format_map(tables))
+        conn.executescript(
+            """
+            CREATE TABLE outbox_migrations
+                (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL);
+            INSERT INTO outbox_migrations VALUES (1, 'create_outbox', 0);
+            INSERT INTO outbox (id, topic, data, created_at, available_at)
+                VALUES (1, 'orders', x'7b7d', 0, 0);
+            INSERT INTO outbox_dead_letters
+                VALUES (2, 'orders', '', x'7b7d', NULL, 0, 3, 'boom', 1);
+            """
+        )
+    conn.close()
+    return db
+
+
+def test_sqlite_asks_to_migrate_an_outbox_older_than_it_reads(
+    version_1_sqlite: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, newest = version_1_sqlite, newest_shipped("sqlite")
+    match = rf"at schema version 1, older than this outboxbind reads \(version {newest}\): upgrade"
+    store = SQLiteStore(db, migrate=False, create=False)
+    try:
+        assert store.schema_version() == 1
+        with pytest.raises(ConfigurationError, match=match):
+            store.checkout_batch(["orders"], 10)
+        with pytest.raises(ConfigurationError, match=match):
+            store.dead_letters()
+        with pytest.raises(ConfigurationError, match=match):
+            store.find_message("1")
+        assert [(b.topic, b.pending, b.dead) for b in store.backlog()] == [("orders", 1, 1)]
+    finally:
+        store.close()
+
+    url = f"sqlite:///{db}"
+    assert main(["dead-letters", "list", url]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert main(["migrate", url]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"applied migrations: {list(range(2, newest + 1))}"
+    ]
+    store = SQLiteStore(db, migrate=False, create=False)
+    try:
+        [parked] = store.dead_letters()
+        assert (parked.message.id, parked.message.progress, parked.error) == ("2", None, "boom")
+        batch = store.checkout_batch(["orders"], 10)
+        assert batch is not None
+        with batch:
+            assert [(m.id, m.progress) for m in batch.messages] == [("1", None)]
+    finally:
+        store.close()
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class SQLiteHarness:
             conn.close()
 
 
-class TestSQLiteStore(StoreContract):
+class TestSQLiteStore(StoreContract, ProgressContract):
     @pytest.fixture
     def harness(self, tmp_path: Path) -> StoreHarness:
         harness = SQLiteHarness(tmp_path / "outbox.db")
@@ -45,7 +45,7 @@ class TestSQLiteStore(StoreContract):
         return harness
 
 
-class TestSQLiteStoreWithCustomTable(StoreContract):
+class TestSQLiteStoreWithCustomTable(StoreContract, ProgressContract):
     @pytest.fixture
     def harness(self, tmp_path: Path) -> StoreHarness:
         harness = SQLiteHarness(tmp_path / "outbox.db", table="app_outbox_v2")

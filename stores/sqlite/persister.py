@@ -12,7 +12,7 @@ from outboxbind.errors import NotInTransaction
 from outboxbind.messages import OutboxEntry
 from outboxbind.stores.sqlite.schema import queries_for
 
-__all__ = ["SQLitePersister", "persister", "wakeup_channel"]
+__all__ = ["SQLitePersister", "insert_entry", "persister", "wakeup_channel"]
 
 
 def wakeup_channel(database_file: str) -> str:
@@ -49,21 +49,9 @@ class SQLitePersister:
                 "no transaction is open, so the message would be committed on its own; "
                 'run conn.execute("BEGIN") first (or use the default isolation_level)'
             )
-        now = time.time()
-        deliver_after = entry.deliver_after.timestamp() if entry.deliver_after else None
-        cursor = conn.execute(
-            self._insert,
-            {
-                "topic": entry.topic,
-                "ordering_key": entry.ordering_key or "",
-                "data": entry.data,
-                "attributes": json.dumps(dict(entry.attributes)) if entry.attributes else None,
-                "created_at": now,
-                "available_at": max(now, deliver_after) if deliver_after else now,
-            },
-        )
+        id_ = insert_entry(conn, self._insert, entry, time.time())
         self._signal()
-        return str(cursor.lastrowid)
+        return str(id_)
 
     def _signal(self) -> None:
         if self._channel is None:
@@ -71,6 +59,29 @@ class SQLitePersister:
             self._channel = wakeup_channel(row[2]) if row and row[2] else ""
         if self._channel:
             wakeup.signal(self._channel)
+
+
+def insert_entry(conn: sqlite3.Connection, insert: str, entry: OutboxEntry, now: float) -> int:
+    """Insert ``entry`` with ``insert`` (the ``insert_message`` statement of its outbox table) as
+    written at ``now`` (unix seconds), in the transaction open on ``conn``; return its id.
+
+    The one way a row of the outbox is written: by the persister, and by the store for the
+    follow-ups a batch's close writes.
+    """
+    deliver_after = entry.deliver_after.timestamp() if entry.deliver_after else None
+    cursor = conn.execute(
+        insert,
+        {
+            "topic": entry.topic,
+            "ordering_key": entry.ordering_key or "",
+            "data": entry.data,
+            "attributes": json.dumps(dict(entry.attributes)) if entry.attributes else None,
+            "created_at": now,
+            "available_at": max(now, deliver_after) if deliver_after else now,
+        },
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
 
 
 def _autocommits(conn: sqlite3.Connection) -> bool:

@@ -36,15 +36,16 @@ ORDER BY id LIMIT :limit
 
 -- name: messages_by_id
 -- The chosen messages of a batch.
-SELECT id, topic, ordering_key, data, attributes, created_at, attempts FROM {outbox}
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress FROM {outbox}
 WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: park_unreadable
 -- Move a row that cannot be read as a message to the dead letters, as it is.
 INSERT INTO {dead_letters}
-    (id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at)
+    (id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+     failed_at)
 SELECT id, topic, ordering_key, data, attributes, coalesce(created_at, :now), attempts,
-       :error, :now
+       progress, :error, :now
 FROM {outbox} WHERE id = :id
 
 -- name: take_lease
@@ -63,16 +64,31 @@ DELETE FROM {leases} WHERE topic = :topic AND ordering_key = :ordering_key AND t
 DELETE FROM {outbox} WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: record_failure
--- Count a failed attempt; the message is due again at :available_at (NULL: blocked).
+-- Count a failed attempt; the message is due again at :available_at (NULL: blocked). A
+-- :progress replaces the one kept (NULL keeps it).
 UPDATE {outbox}
-SET attempts = attempts + 1, last_error = :error, failed_at = :now, available_at = :available_at
+SET attempts = attempts + 1, last_error = :error, failed_at = :now, available_at = :available_at,
+    progress = coalesce(:progress, progress)
 WHERE id = :id
 
 -- name: park_message
--- Move a message to the dead letters.
+-- Move a message to the dead letters (the outbox row is deleted next), with its progress: a
+-- :progress replaces the one kept (NULL keeps it).
 INSERT INTO {dead_letters}
-    (id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at)
-SELECT id, topic, ordering_key, data, attributes, created_at, attempts + 1, :error, :now
+    (id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+     failed_at)
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts + 1,
+       coalesce(:progress, progress), :error, :now
+FROM {outbox} WHERE id = :id
+
+-- name: settle_message
+-- Keep a published message as settled (the outbox row is deleted next), with its progress: a
+-- :progress replaces the one kept (NULL keeps it).
+INSERT INTO {settled}
+    (id, topic, ordering_key, data, attributes, created_at, attempts, progress, publish_id,
+     settled_at)
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts,
+       coalesce(:progress, progress), :publish_id, :now
 FROM {outbox} WHERE id = :id
 
 -- name: delete_message
@@ -81,19 +97,21 @@ DELETE FROM {outbox} WHERE id = :id
 
 -- name: list_dead_letters
 -- Parked and blocked messages, oldest first, of one topic (or all when :topic is NULL).
-SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at,
-       'parked' AS state
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+       failed_at, 'parked' AS state
 FROM {dead_letters} WHERE :topic IS NULL OR topic = :topic
 UNION ALL
-SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at,
-       'blocked' AS state
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+       failed_at, 'blocked' AS state
 FROM {outbox} WHERE available_at IS NULL AND (:topic IS NULL OR topic = :topic)
 ORDER BY id LIMIT :limit
 
 -- name: unpark_dead_letters
--- Replay parked messages: back into the outbox with their own ids and zero attempts.
-INSERT INTO {outbox} (id, topic, ordering_key, data, attributes, created_at, available_at)
-SELECT id, topic, ordering_key, data, attributes, created_at, :now
+-- Replay parked messages: back into the outbox with their own ids, their progress and zero
+-- attempts.
+INSERT INTO {outbox}
+    (id, topic, ordering_key, data, attributes, created_at, available_at, progress)
+SELECT id, topic, ordering_key, data, attributes, created_at, :now, progress
 FROM {dead_letters} WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: delete_dead_letters
@@ -120,6 +138,26 @@ SELECT topic, SUM(pending), MIN(oldest), SUM(dead) FROM (
     UNION ALL
     SELECT topic, 0, NULL, COUNT(*) FROM {dead_letters} GROUP BY topic
 ) GROUP BY topic ORDER BY topic
+
+-- name: find_message
+-- One message wherever it is: in the outbox (pending, or blocked), parked, or settled and kept.
+-- The columns after the message's: state, last error, since (failed or settled), publish id.
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress,
+       CASE WHEN available_at IS NULL THEN 'blocked' ELSE 'pending' END AS state,
+       last_error, failed_at, NULL AS publish_id
+FROM {outbox} WHERE id = :id
+UNION ALL
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, 'parked',
+       last_error, failed_at, NULL
+FROM {dead_letters} WHERE id = :id
+UNION ALL
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, 'settled',
+       NULL, settled_at, publish_id
+FROM {settled} WHERE id = :id
+
+-- name: purge_settled
+-- Retention of settled messages: delete a topic's settled before :cutoff.
+DELETE FROM {settled} WHERE topic = :topic AND settled_at < :cutoff
 
 -- name: applied_migrations
 -- The schema versions already applied.

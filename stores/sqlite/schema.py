@@ -41,6 +41,8 @@ def _identifiers(table: str) -> dict[str, str]:
         "outbox_waiting_index": f"{table}_waiting_index",
         "dead_letters": f"{table}_dead_letters",
         "leases": f"{table}_leases",
+        "settled": f"{table}_settled",
+        "settled_topic_index": f"{table}_settled_topic_index",
         "migrations": f"{table}_migrations",
     }
 

@@ -10,9 +10,9 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from outboxbind import wakeup
@@ -21,14 +21,16 @@ from outboxbind.messages import PersistedMessage
 from outboxbind.store import (
     BufferedBatch,
     DeadLetter,
+    MarkDetails,
     MarkedOutcome,
+    MessageRecord,
     SequenceKey,
     TopicBacklog,
     integer_ids,
     round_robin,
 )
-from outboxbind.stores.sqlite.persister import wakeup_channel
-from outboxbind.stores.sqlite.schema import check_version, migrate, queries_for
+from outboxbind.stores.sqlite.persister import insert_entry, wakeup_channel
+from outboxbind.stores.sqlite.schema import check_version, migrate, newest_version, queries_for
 from outboxbind.wakeup import WakeupThread
 
 __all__ = ["SQLiteBatch", "SQLiteStore"]
@@ -37,8 +39,9 @@ log = logging.getLogger("outboxbind.stores.sqlite")
 
 
 def _message(row: Sequence[Any]) -> PersistedMessage:
-    """A message from a row of (id, topic, ordering_key, data, attributes, created_at, attempts)."""
-    id_, topic, key, data, attributes, created_at, attempts = row[:7]
+    """A message from a row that starts (id, topic, ordering_key, data, attributes, created_at,
+    attempts, progress)."""
+    id_, topic, key, data, attributes, created_at, attempts, progress = row[:8]
     if not isinstance(data, bytes):
         raise TypeError(f"data is {type(data).__name__}, not a BLOB")
     return PersistedMessage(
@@ -49,6 +52,7 @@ def _message(row: Sequence[Any]) -> PersistedMessage:
         ordering_key=key or None,
         created_at=datetime.fromtimestamp(created_at, UTC),
         attempts=attempts,
+        progress=progress,
     )
 
 
@@ -57,7 +61,7 @@ def _readable_message(row: Sequence[Any]) -> PersistedMessage:
     try:
         return _message(row)
     except Exception:
-        id_, topic, key, data, _attributes, created_at, attempts = row[:7]
+        id_, topic, key, data, _attributes, created_at, attempts, progress = row[:8]
         raw = data if isinstance(data, bytes) else str(data).encode("utf-8", "replace")
         when = created_at if isinstance(created_at, int | float) else 0.0
         return PersistedMessage(
@@ -68,6 +72,7 @@ def _readable_message(row: Sequence[Any]) -> PersistedMessage:
             key or None,
             datetime.fromtimestamp(when, UTC),
             attempts,
+            progress if isinstance(progress, str) else None,
         )
 
 
@@ -112,7 +117,8 @@ class SQLiteStore:
     Args:
         path: the database file (created if missing, unless ``create`` is false).
         table: the outbox table name; its companions are ``<table>_dead_letters``,
-            ``<table>_leases`` and ``<table>_migrations``.
+            ``<table>_leases``, ``<table>_settled`` (published messages kept, see
+            :class:`~outboxbind.store.MarkDetails`) and ``<table>_migrations``.
         lease_duration: seconds a batch holds its sequences; must exceed the relay's publish
             timeout.
         busy_timeout: seconds to wait for another connection's write lock.
@@ -154,13 +160,10 @@ class SQLiteStore:
         self._conn = _connect(self.path, busy_timeout, create=create)
         self._cursor: SequenceKey | None = None  # where the last checkout's sequence walk ended
         self._watcher: _CommitWatcher | None = None
-        self._schema_checked = False
+        self._schema_current = False  # the outbox is at the newest version this code knows
         try:
             if not create and self.schema_version() is None:
-                raise ConfigurationError(
-                    f"no outbox (table {table!r}) in the SQLite database {self.path!r}: create "
-                    "it with `outboxbind migrate sqlite:///PATH` or SQLiteStore(path)"
-                )
+                raise self._no_outbox()
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             if migrate:
@@ -180,7 +183,7 @@ class SQLiteStore:
         """
         with self._lock:
             applied = migrate(self._conn, self.table)
-            self._schema_checked = True
+            self._schema_current = True
             return applied
 
     def schema_version(self) -> int | None:
@@ -194,13 +197,40 @@ class SQLiteStore:
                 version = check_version(self._conn, self.table)
             except sqlite3.DatabaseError as exc:
                 raise _not_a_database(self.path, exc) from exc
-            self._schema_checked = True
+            self._schema_current = version == newest_version()
             return version
+
+    def _require_current_schema(self) -> None:
+        """Refuse an outbox this store did not migrate and that is older than this code reads,
+        naming the fix; once it is current, this costs nothing.
+
+        Raises:
+            ConfigurationError: no outbox, or one of an older schema version.
+            SchemaTooNew: a newer outboxbind migrated the outbox.
+        """
+        if self._schema_current:
+            return
+        version = self.schema_version()
+        if version is None:
+            raise self._no_outbox()
+        if version != newest_version():
+            raise ConfigurationError(
+                f"the outbox (table {self.table!r}) in the SQLite database {self.path!r} is at "
+                f"schema version {version}, older than this outboxbind reads (version "
+                f"{newest_version()}): upgrade it with `outboxbind migrate sqlite:///PATH` or "
+                "SQLiteStore(path)"
+            )
 
     def close(self) -> None:
         """Close the store's connection."""
         with self._lock:
             self._conn.close()
+
+    def _no_outbox(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"no outbox (table {self.table!r}) in the SQLite database {self.path!r}: create "
+            "it with `outboxbind migrate sqlite:///PATH` or SQLiteStore(path)"
+        )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -224,8 +254,7 @@ class SQLiteStore:
         """
         if not topic_names or limit <= 0:
             return None
-        if not self._schema_checked:
-            self.schema_version()  # a relay refuses to start on a schema it does not know
+        self._require_current_schema()  # a relay refuses to start on a schema it does not know
         topics = sorted(set(topic_names))
         if not self._anything_due(topics):
             return None
@@ -354,7 +383,10 @@ class SQLiteStore:
     # -- applied when a batch closes ---------------------------------------------------------
 
     def _close_batch(self, batch: BufferedBatch) -> None:
+        """Apply the batch's marks and their details in one transaction, sequence by sequence,
+        only where the batch still holds the lease (the fencing rule)."""
         lost: list[SequenceKey] = []
+        wrote_follow_ups = False
         with self._write() as conn:
             now = self.clock()
             for sequence, token in batch.tokens.items():
@@ -363,36 +395,71 @@ class SQLiteStore:
                     self._q["end_lease"], {"topic": topic, "ordering_key": key, "token": token}
                 ).rowcount
                 if not ended:
-                    lost.append(sequence)
+                    lost.append(sequence)  # its marks, details and follow-ups are dropped
                     continue
-                self._apply(conn, batch.outcomes.get(sequence, []), now)
+                outcomes = batch.outcomes.get(sequence, [])
+                if self._apply(conn, outcomes, batch.details, now):
+                    wrote_follow_ups = True
+        if wrote_follow_ups:  # committed: wake the relays of this process that wait for them
+            wakeup.signal(wakeup_channel(self.path))
         if lost:
             names = ", ".join(f"{t}/{k or '*'}" for t, k in lost)
             raise LeaseLost(
                 f"{self!r}: the lease of {names} was taken over; its marks were dropped"
             )
 
-    def _apply(self, conn: sqlite3.Connection, outcomes: list[MarkedOutcome], now: float) -> None:
-        published = [int(m.id) for kind, m, _, _ in outcomes if kind == "published"]
-        if published:
-            conn.execute(self._q["delete_published"], {"ids": json.dumps(published)})
-        for kind, message, error, retry_after in outcomes:
-            if kind == "failed":
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        outcomes: list[MarkedOutcome],
+        details: Mapping[str, MarkDetails],
+        now: float,
+    ) -> bool:
+        """Apply one sequence's marks, each with its details if it has any: its follow-ups are
+        written first, then the mark, with the progress when it is not ``None``. Return whether
+        any follow-up was written."""
+        published: list[int] = []
+        wrote_follow_ups = False
+        for kind, message, detail, retry_after in outcomes:
+            extra = details.get(message.id) if details else None
+            progress = None
+            if extra is not None:
+                progress = extra.progress
+                for entry in extra.follow_ups:  # new ids, in order, as a persister writes them
+                    insert_entry(conn, self._q["insert_message"], entry, now)
+                    wrote_follow_ups = True
+            if kind == "published":  # deleted below, all at once; kept as settled if asked
+                if extra is not None and extra.keep:
+                    conn.execute(
+                        self._q["settle_message"],
+                        {
+                            "id": int(message.id),
+                            "progress": progress,
+                            "publish_id": detail or "",
+                            "now": now,
+                        },
+                    )
+                published.append(int(message.id))
+            elif kind == "failed":  # counted; due again after retry_after (None: blocked)
                 conn.execute(
                     self._q["record_failure"],
                     {
                         "id": int(message.id),
-                        "error": error,
+                        "error": detail,
                         "now": now,
                         "available_at": None
                         if retry_after is None
                         else now + retry_after.total_seconds(),
+                        "progress": progress,
                     },
                 )
-            elif kind == "dead":
-                params = {"id": int(message.id), "error": error, "now": now}
+            else:  # dead: moved to the dead letters
+                params = {"id": int(message.id), "error": detail, "now": now, "progress": progress}
                 conn.execute(self._q["park_message"], params)
                 conn.execute(self._q["delete_message"], params)
+        if published:
+            conn.execute(self._q["delete_published"], {"ids": json.dumps(published)})
+        return wrote_follow_ups
 
     # -- wake-ups ---------------------------------------------------------------------------
 
@@ -412,6 +479,7 @@ class SQLiteStore:
 
     def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Parked and blocked messages, oldest first."""
+        self._require_current_schema()
         with self._lock:
             rows = self._conn.execute(
                 self._q["list_dead_letters"], {"topic": topic, "limit": limit}
@@ -419,15 +487,16 @@ class SQLiteStore:
         return [
             DeadLetter(
                 message=_readable_message(row),
-                error=row[7] or "",
-                state=row[9],
-                since=datetime.fromtimestamp(row[8] or 0, UTC),
+                error=row[8] or "",
+                state=row[10],
+                since=datetime.fromtimestamp(row[9] or 0, UTC),
             )
             for row in rows
         ]
 
     def replay_dead_letters(self, ids: Sequence[str]) -> int:
         """Make parked or blocked messages due now with zero attempts, keeping their ids."""
+        self._require_current_schema()
         params = {"ids": json.dumps(integer_ids(ids)), "now": self.clock()}
         with self._write() as conn:
             unparked = conn.execute(self._q["unpark_dead_letters"], params).rowcount
@@ -457,6 +526,36 @@ class SQLiteStore:
             )
             for topic, pending, oldest, dead in rows
         ]
+
+    # -- progress and settled messages (ProgressStore) ----------------------------------------
+
+    def find_message(self, id: str) -> MessageRecord | None:
+        """The message of outbox id ``id``: pending, blocked, parked or settled (kept)."""
+        [number] = integer_ids([id])
+        self._require_current_schema()
+        with self._lock:
+            row = self._conn.execute(self._q["find_message"], {"id": number}).fetchone()
+        if row is None:
+            return None
+        state, error, since, publish_id = row[8:12]
+        return MessageRecord(
+            message=_readable_message(row),
+            state=state,
+            error=error,
+            since=None if since is None else datetime.fromtimestamp(since, UTC),
+            publish_id=publish_id,
+        )
+
+    def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """Delete the kept settled messages of ``topic`` settled more than ``older_than`` ago;
+        return how many."""
+        self._require_current_schema()
+        with self._write() as conn:
+            cutoff = self.clock() - older_than.total_seconds()
+            purged: int = conn.execute(
+                self._q["purge_settled"], {"topic": topic, "cutoff": cutoff}
+            ).rowcount
+        return purged
 
 
 class _CommitWatcher(WakeupThread):
