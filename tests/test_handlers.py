@@ -573,3 +573,53 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return check()
+
+
+# -- the command line and txob's backoff ----------------------------------------------------------
+
+
+def test_outboxbind_show_prints_a_messages_handler_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from outboxbind.cli import main
+
+    harness = SQLiteHarness(tmp_path / "app.db")
+    store = SQLiteStore(harness.path)
+
+    def broken(event: Event, context: HandlerContext) -> None:
+        raise ConnectionError("smtp down")
+
+    events = HandlerTopic("events", CODEC, {"Invited": {"email": broken, "crm": Flaky()}})
+    [id_] = write(harness, events, {"type": "Invited"})
+    relay_for(store, events).process_messages()
+    store.close()
+    url = f"sqlite:///{harness.path}"
+    assert main(["show", url, id_]) == 0
+    shown = capsys.readouterr().out
+    assert f"message {id_}: pending" in shown
+    assert "1 failed attempt(s)" in shown
+    assert "handler crm: succeeded" in shown
+    assert "handler email: not yet succeeded, 1 error(s); last: ConnectionError: smtp down" in shown
+    assert main(["show", url, id_, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["state"] == "pending"
+    assert data["progress"]["handlers"]["email"]["errors"] == 1
+    assert main(["show", url, "999"]) == 1
+    assert "no message 999" in capsys.readouterr().out
+
+
+def test_a_backoff_function_sets_the_retry_delay(
+    harness: StoreHarness, store: Store, clock: FakeClock
+) -> None:
+    email = Flaky(failures=1)
+    events = HandlerTopic("events", CODEC, {"Invited": {"email": email}})
+    write(harness, events, {"type": "Invited"})
+    relay = relay_for(store, events, retry=RetryPolicy(backoff=lambda attempts: 100 * attempts))
+    relay.process_messages()
+    clock.advance(90)
+    assert relay.process_messages().checked_out == 0  # not before 100 s
+    clock.advance(20)
+    assert relay.process_messages().successes == 1
+    assert email.calls == 2
