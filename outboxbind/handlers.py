@@ -62,7 +62,7 @@ from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.store import MessageRecord
 from outboxbind.threads import DaemonThreadPool
 from outboxbind.topics import PublishOutcome, Topic
-from outboxbind.tracing import CORRELATION_ATTRIBUTE, correlation
+from outboxbind.tracing import CORRELATION_ATTRIBUTE, message_context
 
 __all__ = [
     "CancellationToken",
@@ -233,8 +233,10 @@ class HandlerContext:
         message: the outbox message (its ``id`` is the idempotency key to use).
         event_type: the message's type, which chose the handlers.
         handler: this handler's name.
-        correlation_id: the correlation id given at publish time (also the current one while
-            the handler runs, so messages it writes carry it on), or ``None``.
+        correlation_id: the correlation id given at publish time, or ``None``. While the
+            handler runs, it and the trace context captured at publish time are the current
+            ones (see :func:`outboxbind.tracing.message_context`): spans the handler starts
+            continue the publisher's trace, and messages it writes carry both on.
         cancellation: set when the relay asks the handlers to stop (see
             :class:`CancellationToken`).
         results: what every handler of the message did before this try.
@@ -664,7 +666,7 @@ class HandlerTopic(Topic[T], Generic[T]):
         if run.interrupted:  # asked to stop before this handler began: it does not begin
             return HandlerCancelled("not started: the relay asked the handlers to stop")
         try:
-            with correlation(context.correlation_id):
+            with message_context(context.message.attributes):  # its trace and correlation id
                 if inspect.iscoroutinefunction(handler):
                     task = asyncio.ensure_future(handler(event, context))
                     run.tasks.add(task)
@@ -726,7 +728,7 @@ class HandlerTopic(Topic[T], Generic[T]):
             correlation_id,
             FollowUps(),
         )
-        with correlation(correlation_id):
+        with message_context(message.attributes):
             if inspect.iscoroutinefunction(self.on_max_errors):
                 await self.on_max_errors(reached)
             else:

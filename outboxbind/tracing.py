@@ -9,10 +9,16 @@ block (a request, say) with :func:`correlation`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 
-__all__ = ["CORRELATION_ATTRIBUTE", "correlation", "current_correlation_id", "current_traceparent"]
+__all__ = [
+    "CORRELATION_ATTRIBUTE",
+    "correlation",
+    "current_correlation_id",
+    "current_traceparent",
+    "message_context",
+]
 
 CORRELATION_ATTRIBUTE = "outbox-correlation-id"
 """The attribute a message's correlation id travels in (to handlers, and to consumers)."""
@@ -57,6 +63,39 @@ def _load() -> Callable[[], dict[str, str]] | None:
 
 
 _inject = _load()
+
+
+def _load_attach() -> Callable[[Mapping[str, str]], Callable[[], None]] | None:
+    try:
+        from opentelemetry import context, propagate
+    except ImportError:
+        return None
+
+    def attach(attributes: Mapping[str, str]) -> Callable[[], None]:
+        token = context.attach(propagate.extract(dict(attributes)))
+        return lambda: context.detach(token)
+
+    return attach
+
+
+_attach = _load_attach()
+
+
+@contextlib.contextmanager
+def message_context(attributes: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, the trace context and the correlation id that a message carries
+    (``traceparent``, ``outbox-correlation-id``) are the current ones: a span started there is a
+    child of the span that wrote the message, and messages published there carry both on. The
+    handler topic runs each handler inside its message's context."""
+    detach = None
+    if _attach is not None and "traceparent" in attributes:
+        detach = _attach(attributes)
+    try:
+        with correlation(attributes.get(CORRELATION_ATTRIBUTE)):
+            yield
+    finally:
+        if detach is not None:
+            detach()
 
 
 def current_traceparent() -> dict[str, str]:

@@ -623,3 +623,37 @@ def test_a_backoff_function_sets_the_retry_delay(
     clock.advance(20)
     assert relay.process_messages().successes == 1
     assert email.calls == 2
+
+
+def test_handlers_run_in_the_trace_context_captured_at_publish() -> None:
+    from opentelemetry import context, trace
+
+    from outboxbind.stores.memory import InMemoryStore
+
+    seen: list[int] = []
+
+    def handler(event: Event, context_: HandlerContext) -> None:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+
+    async def async_handler(event: Event, context_: HandlerContext) -> None:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+
+    events = HandlerTopic("events", CODEC, {"Invited": {"h": handler, "a": async_handler}})
+    store = InMemoryStore()
+    publisher = trace.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(0x01),
+    )
+    token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(publisher)))
+    try:
+        with store.transaction() as tx:
+            bind(events, tx).publish({"type": "Invited"})
+    finally:
+        context.detach(token)
+    relay = Relay(store)
+    relay.register_topic(events)
+    assert relay.process_messages().successes == 1
+    assert seen == [publisher.trace_id] * 2
+    assert trace.get_current_span().get_span_context().trace_id == 0  # nothing leaked out
