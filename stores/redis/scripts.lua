@@ -67,34 +67,42 @@ local function refresh(th, kh, now)
     redis.call('ZADD', idx, fmt(score), kh)
 end
 
+-- Write one new message at the next position: the persister's append.
+-- Its eight fields are ARGV[at .. at + 7]: id, th, kh, topic, key, data, attrs, deliver_after
+-- ('' or unix seconds); entry_args() in persister.py builds them. The caller has checked that the
+-- id is free. Returns the position; raises nothing.
+local function append_message(at, now)
+    local id, th, kh = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+    local pos = redis.call('INCR', k('pos'))
+    local avail = now
+    local deliver_after = tonumber(ARGV[at + 7])
+    if deliver_after and deliver_after > now then
+        avail = deliver_after
+    end
+    redis.call('HSET', k('m', id), 'topic', ARGV[at + 3], 'key', ARGV[at + 4], 'th', th,
+        'kh', kh, 'data', ARGV[at + 5], 'attrs', ARGV[at + 6], 'created', fmt(now),
+        'avail', fmt(avail), 'attempts', 0, 'pos', pos, 'error', '', 'failed_at', '', 'state', '')
+    redis.call('SADD', k('topics'), th)
+    redis.call('ZADD', k('p', th), fmt(now), id)
+    if avail > now then
+        redis.call('ZADD', k('w', th), fmt(avail), id)
+    else
+        local q = k('q', th, kh)
+        redis.call('ZADD', q, pos, id)
+        if redis.call('ZCARD', q) == 1 then
+            refresh(th, kh, now)
+        end
+    end
+    return pos
+end
+
 -- name: append
 -- ARGV: prefix, id, th, kh, topic, key, data, attrs, deliver_after ('' or unix seconds), channel
-local id, th, kh = ARGV[2], ARGV[3], ARGV[4]
-local mk = k('m', id)
-if redis.call('EXISTS', mk) == 1 then
+local id = ARGV[2]
+if redis.call('EXISTS', k('m', id)) == 1 then
     error(redis.error_reply('outboxbind: outbox id ' .. id .. ' is taken'))
 end
-local now = clock('')
-local pos = redis.call('INCR', k('pos'))
-local avail = now
-local deliver_after = tonumber(ARGV[9])
-if deliver_after and deliver_after > now then
-    avail = deliver_after
-end
-redis.call('HSET', mk, 'topic', ARGV[5], 'key', ARGV[6], 'th', th, 'kh', kh, 'data', ARGV[7],
-    'attrs', ARGV[8], 'created', fmt(now), 'avail', fmt(avail), 'attempts', 0, 'pos', pos,
-    'error', '', 'failed_at', '', 'state', '')
-redis.call('SADD', k('topics'), th)
-redis.call('ZADD', k('p', th), fmt(now), id)
-if avail > now then
-    redis.call('ZADD', k('w', th), fmt(avail), id)
-else
-    local q = k('q', th, kh)
-    redis.call('ZADD', q, pos, id)
-    if redis.call('ZCARD', q) == 1 then
-        refresh(th, kh, now)
-    end
-end
+local pos = append_message(2, clock(''))
 redis.call('PUBLISH', ARGV[10], '1')
 return pos
 
