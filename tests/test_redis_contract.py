@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
@@ -13,7 +14,7 @@ import redis.asyncio
 from outboxbind.messages import OutboxEntry
 from outboxbind.store import Store
 from outboxbind.stores.redis import AsyncRedisStore, RedisStore, persister
-from outboxbind.testing import StoreContract, StoreHarness
+from outboxbind.testing import ProgressContract, StoreContract, StoreHarness
 
 
 class RedisHarness:
@@ -42,13 +43,13 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-class TestRedisStore(StoreContract):
+class TestRedisStore(StoreContract, ProgressContract):
     @pytest.fixture
     def harness(self, redis_client: redis.Redis, redis_prefix: str) -> StoreHarness:
         return RedisHarness(redis_client, redis_prefix)
 
 
-class TestRedisStoreWithAHostilePrefixAndTopics(StoreContract):
+class TestRedisStoreWithAHostilePrefixAndTopics(StoreContract, ProgressContract):
     """The same contract under a prefix full of separators, braces and glob characters."""
 
     @pytest.fixture
@@ -90,7 +91,10 @@ class _SyncBatch:
         attribute = getattr(self.batch, name)
 
         def call(*args: object) -> object:
-            return self.loop.run_until_complete(attribute(*args))
+            result = attribute(*args)
+            if inspect.isawaitable(result):  # add_details() is not a coroutine: no I/O
+                return self.loop.run_until_complete(result)
+            return result
 
         return call
 
@@ -122,7 +126,7 @@ class AsyncRedisHarness(RedisHarness):
         return cast(Store, _SyncOverAsync(store, self.loop))
 
 
-class TestAsyncRedisStore(StoreContract):
+class TestAsyncRedisStore(StoreContract, ProgressContract):
     @pytest.fixture
     def harness(
         self, redis_client: redis.Redis, redis_prefix: str, redis_url: str

@@ -29,6 +29,11 @@ SCHEMA_VERSION = 1
 """The version of the key layout and scripts this outboxbind ships (``scripts.lua``). A store's
 ``migrate()`` records it under :func:`schema_key`; an outbox with a higher one recorded was
 written by a newer outboxbind, and the store refuses it."""
+# Still 1 with progress and kept settled messages: what they add, older code never reads. The
+# message hash's new fields (progress, publish_id, settled_at) are ignored by its scripts, which
+# read fields by name; a settled message (state 'settled') is in none of the sets they walk (it
+# is only in P:s:<th>, a key they do not know), and its id is never handed out again. Follow-ups
+# are ordinary messages. Bump it when a change would make older code misread what it does read.
 
 
 def schema_key(prefix: str) -> str:

@@ -50,18 +50,17 @@ __all__ = [
 ]
 
 
-def append_call_args(
-    entry: OutboxEntry, *, prefix: str = DEFAULT_PREFIX
-) -> tuple[str, list[str | bytes]]:
-    """The outbox id of a new message and the ``ARGV`` of the outbox's append script.
+def entry_args(entry: OutboxEntry) -> tuple[str, list[str | bytes]]:
+    """The outbox id of a new message and its eight fields as the Lua ``append_message()`` of
+    ``scripts.lua`` reads them: id, topic and key hex-encoded, topic, key, data, attributes (JSON
+    or ''), deliver_after ('' or unix seconds).
 
-    For the Lua path (see :func:`outbox_append_lua`): pass these as the script's first
-    arguments; the id is the message's outbox id once the script ran.
+    The persister's append script takes them after the prefix; a store's close takes them for
+    each follow-up message (:class:`~outboxbind.store.MarkDetails`), so both write alike.
     """
     id_ = new_id()
     deliver_after = "" if entry.deliver_after is None else repr(entry.deliver_after.timestamp())
-    args: list[str | bytes] = [
-        check_prefix(prefix),
+    fields: list[str | bytes] = [
         id_,
         encode_name(entry.topic),
         encode_name(entry.ordering_key or ""),
@@ -70,9 +69,20 @@ def append_call_args(
         entry.data,
         json.dumps(dict(entry.attributes)) if entry.attributes else "",
         deliver_after,
-        wakeup_channel(prefix),
     ]
-    return id_, args
+    return id_, fields
+
+
+def append_call_args(
+    entry: OutboxEntry, *, prefix: str = DEFAULT_PREFIX
+) -> tuple[str, list[str | bytes]]:
+    """The outbox id of a new message and the ``ARGV`` of the outbox's append script.
+
+    For the Lua path (see :func:`outbox_append_lua`): pass these as the script's first
+    arguments; the id is the message's outbox id once the script ran.
+    """
+    id_, fields = entry_args(entry)
+    return id_, [check_prefix(prefix), *fields, wakeup_channel(prefix)]
 
 
 APPEND_ARGC = 10

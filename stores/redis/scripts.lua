@@ -6,7 +6,8 @@
 --   P:pos            counter: the position of each appended message (its order in the outbox)
 --   P:fence          counter: the fencing token of each lease
 --   P:m:<id>         hash: one message (topic, key, th, kh, data, attrs, created, avail,
---                    attempts, pos, error, failed_at, state)
+--                    attempts, pos, error, failed_at, state; progress when the relay saved
+--                    some; publish_id and settled_at when it is kept settled)
 --   P:q:<th>:<kh>    zset id -> pos: a sequence's messages that are due or held (in order)
 --   P:w:<th>         zset id -> due time: a topic's delayed messages not yet moved to their q
 --   P:i:<th>         zset kh -> when the sequence can next be worked (absent: empty or blocked)
@@ -14,8 +15,13 @@
 --   P:p:<th>         zset id -> created: every pending message of a topic (for the backlog)
 --   P:x:<th>         zset id -> pos: a topic's dead letters (parked and blocked)
 --   P:dl             zset id -> pos: every dead letter
+--   P:s:<th>         zset id -> settled time: a topic's published messages kept (MarkDetails.keep)
 --   P:topics         set of th: the topics ever written
 --   P:schema         string: the layout version (SCHEMA_VERSION in _scripts.py), set by migrate()
+--
+-- A message's state is '' (pending: due, delayed, or waiting for a retry), 'blocked' (failed with
+-- no retry, still in its sequence), 'parked' (a dead letter out of its sequence) or 'settled'
+-- (published and kept until purge_settled).
 
 -- name: common
 local P = ARGV[1]
@@ -67,40 +73,48 @@ local function refresh(th, kh, now)
     redis.call('ZADD', idx, fmt(score), kh)
 end
 
+-- Write one new message at the next position: the persister's append, and a close's follow-ups.
+-- Its eight fields are ARGV[at .. at + 7]: id, th, kh, topic, key, data, attrs, deliver_after
+-- ('' or unix seconds); entry_args() in persister.py builds them. The caller has checked that the
+-- id is free. Returns the position; raises nothing.
+local function append_message(at, now)
+    local id, th, kh = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+    local pos = redis.call('INCR', k('pos'))
+    local avail = now
+    local deliver_after = tonumber(ARGV[at + 7])
+    if deliver_after and deliver_after > now then
+        avail = deliver_after
+    end
+    redis.call('HSET', k('m', id), 'topic', ARGV[at + 3], 'key', ARGV[at + 4], 'th', th,
+        'kh', kh, 'data', ARGV[at + 5], 'attrs', ARGV[at + 6], 'created', fmt(now),
+        'avail', fmt(avail), 'attempts', 0, 'pos', pos, 'error', '', 'failed_at', '', 'state', '')
+    redis.call('SADD', k('topics'), th)
+    redis.call('ZADD', k('p', th), fmt(now), id)
+    if avail > now then
+        redis.call('ZADD', k('w', th), fmt(avail), id)
+    else
+        local q = k('q', th, kh)
+        redis.call('ZADD', q, pos, id)
+        if redis.call('ZCARD', q) == 1 then
+            refresh(th, kh, now)
+        end
+    end
+    return pos
+end
+
 -- name: append
 -- ARGV: prefix, id, th, kh, topic, key, data, attrs, deliver_after ('' or unix seconds), channel
-local id, th, kh = ARGV[2], ARGV[3], ARGV[4]
-local mk = k('m', id)
-if redis.call('EXISTS', mk) == 1 then
+local id = ARGV[2]
+if redis.call('EXISTS', k('m', id)) == 1 then
     error(redis.error_reply('outboxbind: outbox id ' .. id .. ' is taken'))
 end
-local now = clock('')
-local pos = redis.call('INCR', k('pos'))
-local avail = now
-local deliver_after = tonumber(ARGV[9])
-if deliver_after and deliver_after > now then
-    avail = deliver_after
-end
-redis.call('HSET', mk, 'topic', ARGV[5], 'key', ARGV[6], 'th', th, 'kh', kh, 'data', ARGV[7],
-    'attrs', ARGV[8], 'created', fmt(now), 'avail', fmt(avail), 'attempts', 0, 'pos', pos,
-    'error', '', 'failed_at', '', 'state', '')
-redis.call('SADD', k('topics'), th)
-redis.call('ZADD', k('p', th), fmt(now), id)
-if avail > now then
-    redis.call('ZADD', k('w', th), fmt(avail), id)
-else
-    local q = k('q', th, kh)
-    redis.call('ZADD', q, pos, id)
-    if redis.call('ZCARD', q) == 1 then
-        refresh(th, kh, now)
-    end
-end
+local pos = append_message(2, clock(''))
 redis.call('PUBLISH', ARGV[10], '1')
 return pos
 
 -- name: checkout
 -- ARGV: prefix, now, lease seconds, limit, nonce, th...
--- Returns {now, {th, kh, token, {id, topic, key, data, attrs, created, attempts}...}...}
+-- Returns {now, {th, kh, token, {id, topic, key, data, attrs, created, attempts, progress}...}...}
 local now = clock(ARGV[2])
 local lease, limit, nonce = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local candidates = {}
@@ -178,8 +192,8 @@ for c = 1, n do
         for d = 1, counts[c] do
             local id = lists[c][d]
             local m = redis.call('HMGET', k('m', id), 'topic', 'key', 'data', 'attrs', 'created',
-                'attempts')
-            seq[#seq + 1] = {id, m[1], m[2], m[3], m[4], m[5], m[6]}
+                'attempts', 'progress')
+            seq[#seq + 1] = {id, m[1], m[2], m[3], m[4], m[5], m[6], m[7]}
         end
         out[#out + 1] = seq
     else
@@ -189,57 +203,114 @@ end
 return out
 
 -- name: close
--- ARGV: prefix, now, JSON [[th, kh, token, [[kind, id, detail, retry seconds or null]...]]...]
+-- ARGV: prefix, now, JSON [[th, kh, token, [[kind, id, detail, retry seconds or null, details?]...]]
+-- ...], wake-up channel, then the texts the details name.
+-- A mark's details (only when the relay gave MarkDetails) are {progress = i, keep = i,
+-- follow_ups = {i...}}, every part optional, each i the ARGV index of a text: the progress to
+-- keep, the publish id of a published message to keep settled, the first of a follow-up's eight
+-- fields (see append_message).
 -- Returns the {th, kh} whose lease was taken over (nothing of theirs was changed).
 local now = clock(ARGV[2])
-local lost = {}
+local held, lost = {}, {}
 for _, s in ipairs(cjson.decode(ARGV[3])) do
-    local th, kh, token, outcomes = s[1], s[2], s[3], s[4]
-    local lk = k('l', th, kh)
-    if redis.call('HGET', lk, 'token') ~= token then
-        lost[#lost + 1] = {th, kh}
+    if redis.call('HGET', k('l', s[1], s[2]), 'token') == s[3] then
+        held[#held + 1] = s
     else
-        local q = k('q', th, kh)
-        for _, o in ipairs(outcomes) do
-            local kind, id = o[1], o[2]
-            local mk = k('m', id)
-            if redis.call('EXISTS', mk) == 1 then
-                if kind == 'published' then
-                    redis.call('ZREM', q, id)
-                    redis.call('ZREM', k('p', th), id)
-                    redis.call('DEL', mk)
-                elseif kind == 'failed' then
-                    local avail = ''
-                    if type(o[4]) == 'number' then
-                        avail = fmt(now + o[4])
+        lost[#lost + 1] = {s[1], s[2]}
+    end
+end
+
+-- Redis does not roll back a script: whatever can fail is checked before the first write, so a
+-- close applies its marks, their progress and their follow-ups all, or (with an error) none.
+-- Every mark with details names a text, so without texts (the common case) there is no check.
+if ARGV[5] then
+    local new_ids = {}
+    for _, s in ipairs(held) do
+        for _, o in ipairs(s[4]) do
+            local d = o[5]
+            if d then
+                if (d.progress and not ARGV[d.progress]) or (d.keep and not ARGV[d.keep]) then
+                    return redis.error_reply('outboxbind: a close names a text it was not given')
+                end
+                for _, at in ipairs(d.follow_ups or {}) do
+                    local id = ARGV[at]
+                    if not ARGV[at + 7] then
+                        return redis.error_reply(
+                            'outboxbind: a close names a text it was not given')
                     end
-                    redis.call('HINCRBY', mk, 'attempts', 1)
-                    redis.call('HSET', mk, 'error', o[3], 'failed_at', fmt(now), 'avail', avail)
-                    if avail == '' then
-                        local pos = redis.call('HGET', mk, 'pos')
-                        redis.call('HSET', mk, 'state', 'blocked')
-                        redis.call('ZADD', k('dl'), pos, id)
-                        redis.call('ZADD', k('x', th), pos, id)
+                    if new_ids[id] or redis.call('EXISTS', k('m', id)) == 1 then
+                        return redis.error_reply('outboxbind: outbox id ' .. id .. ' is taken')
                     end
-                else
-                    redis.call('HINCRBY', mk, 'attempts', 1)
-                    redis.call('HSET', mk, 'error', o[3], 'failed_at', fmt(now), 'state', 'parked')
-                    redis.call('ZREM', q, id)
-                    redis.call('ZREM', k('p', th), id)
-                    local pos = redis.call('HGET', mk, 'pos')
-                    redis.call('ZADD', k('dl'), pos, id)
-                    redis.call('ZADD', k('x', th), pos, id)
+                    new_ids[id] = true
                 end
             end
         end
-        redis.call('DEL', lk)
-        refresh(th, kh, now)
     end
+end
+
+local written = 0 -- follow-ups
+
+for _, s in ipairs(held) do
+    local th, kh, outcomes = s[1], s[2], s[4]
+    local q = k('q', th, kh)
+    for _, o in ipairs(outcomes) do
+        local kind, id, d = o[1], o[2], o[5]
+        local mk = k('m', id)
+        if redis.call('EXISTS', mk) == 1 then
+            if d then
+                if d.progress then
+                    redis.call('HSET', mk, 'progress', ARGV[d.progress])
+                end
+                for _, at in ipairs(d.follow_ups or {}) do
+                    append_message(at, now)
+                    written = written + 1
+                end
+            end
+            if kind == 'published' then
+                redis.call('ZREM', q, id)
+                redis.call('ZREM', k('p', th), id)
+                if d and d.keep then
+                    redis.call('HSET', mk, 'state', 'settled', 'publish_id', ARGV[d.keep],
+                        'settled_at', fmt(now))
+                    redis.call('ZADD', k('s', th), fmt(now), id)
+                else
+                    redis.call('DEL', mk)
+                end
+            elseif kind == 'failed' then
+                local avail = ''
+                if type(o[4]) == 'number' then
+                    avail = fmt(now + o[4])
+                end
+                redis.call('HINCRBY', mk, 'attempts', 1)
+                redis.call('HSET', mk, 'error', o[3], 'failed_at', fmt(now), 'avail', avail)
+                if avail == '' then
+                    local pos = redis.call('HGET', mk, 'pos')
+                    redis.call('HSET', mk, 'state', 'blocked')
+                    redis.call('ZADD', k('dl'), pos, id)
+                    redis.call('ZADD', k('x', th), pos, id)
+                end
+            else
+                redis.call('HINCRBY', mk, 'attempts', 1)
+                redis.call('HSET', mk, 'error', o[3], 'failed_at', fmt(now), 'state', 'parked')
+                redis.call('ZREM', q, id)
+                redis.call('ZREM', k('p', th), id)
+                local pos = redis.call('HGET', mk, 'pos')
+                redis.call('ZADD', k('dl'), pos, id)
+                redis.call('ZADD', k('x', th), pos, id)
+            end
+        end
+    end
+    redis.call('DEL', k('l', th, kh))
+    refresh(th, kh, now)
+end
+if written > 0 then
+    redis.call('PUBLISH', ARGV[4], '1') -- wake the relays, as the persister's append does
 end
 return lost
 
 -- name: dead_letters
 -- ARGV: prefix, th ('' for every topic), limit
+-- Returns {id, topic, key, data, attrs, created, attempts, progress, error, failed_at, state}...
 local source = k('dl')
 if ARGV[2] ~= '' then
     source = k('x', ARGV[2])
@@ -247,9 +318,9 @@ end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', source, 0, tonumber(ARGV[3]) - 1)) do
     local m = redis.call('HMGET', k('m', id), 'topic', 'key', 'data', 'attrs', 'created',
-        'attempts', 'error', 'failed_at', 'state')
+        'attempts', 'progress', 'error', 'failed_at', 'state')
     if m[1] then
-        out[#out + 1] = {id, m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9]}
+        out[#out + 1] = {id, m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10]}
     end
 end
 return out
@@ -322,3 +393,27 @@ for _, th in ipairs(redis.call('SMEMBERS', k('topics'))) do
     end
 end
 return out
+
+-- name: find
+-- ARGV: prefix, id. Returns {id, topic, key, data, attrs, created, attempts, progress, error,
+-- failed_at, state, publish_id, settled_at}, or nil when there is no such message (any more).
+local id = ARGV[2]
+local m = redis.call('HMGET', k('m', id), 'topic', 'key', 'data', 'attrs', 'created', 'attempts',
+    'progress', 'error', 'failed_at', 'state', 'publish_id', 'settled_at')
+if not m[1] then
+    return nil
+end
+return {id, m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11], m[12]}
+
+-- name: purge_settled
+-- ARGV: prefix, now, seconds, th, limit. Deletes up to limit kept settled messages of the topic
+-- settled more than seconds before now. Returns {how many, now}: pass that now back to go on.
+local now = clock(ARGV[2])
+local settled = k('s', ARGV[4])
+local old = redis.call('ZRANGEBYSCORE', settled, '-inf', '(' .. fmt(now - tonumber(ARGV[3])),
+    'LIMIT', 0, tonumber(ARGV[5]))
+for _, id in ipairs(old) do
+    redis.call('DEL', k('m', id))
+    redis.call('ZREM', settled, id)
+end
+return {#old, fmt(now)}

@@ -2,7 +2,8 @@
 
 Checkout and close are Lua scripts, so each is atomic: a checkout leases the due sequences it
 takes (a fencing token from a counter, and an expiry), and a close applies a batch's marks to
-the sequences whose token still matches, and nothing to the others. One logic serves both
+the sequences whose token still matches, and nothing to the others, with what the marks' details
+ask (progress, follow-up messages, a published message kept settled). One logic serves both
 faces: :class:`_Logic` builds every script's arguments and reads every reply;
 :class:`RedisStore` and :class:`AsyncRedisStore` only run them.
 """
@@ -13,7 +14,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import redis
@@ -27,6 +28,8 @@ from outboxbind.store import (
     AsyncBufferedBatch,
     BufferedBatch,
     DeadLetter,
+    MarkDetails,
+    MessageRecord,
     SequenceKey,
     TopicBacklog,
     round_robin,
@@ -41,15 +44,33 @@ from outboxbind.stores.redis._scripts import (
     script,
     wakeup_channel,
 )
+from outboxbind.stores.redis.persister import entry_args
 from outboxbind.wakeup import WakeupThread
 
 __all__ = ["AsyncRedisBatch", "AsyncRedisStore", "RedisBatch", "RedisStore"]
 
 log = logging.getLogger("outboxbind.stores.redis")
 
-SCRIPTS = ("checkout", "close", "dead_letters", "replay", "purge", "backlog")
+SCRIPTS = (
+    "checkout", "close", "dead_letters", "replay", "purge", "backlog", "find", "purge_settled",
+)  # fmt: skip
 
 MAX_ERROR_CHARS = 2000
+
+CLOSE_TEXTS_FROM = 5
+"""The ``ARGV`` index (1-based, as Lua counts) of the first text a close's details name: after
+the prefix, the time, the marks (JSON) and the wake-up channel."""
+
+PURGE_CHUNK = 1000
+"""How many settled messages one run of the ``purge_settled`` script deletes at most, so that a
+large purge does not hold the server for long; :meth:`RedisStore.purge_settled` runs it again."""
+
+_STATES: dict[str, Literal["pending", "blocked", "parked", "settled"]] = {
+    "": "pending",
+    "blocked": "blocked",
+    "parked": "parked",
+    "settled": "settled",
+}
 
 
 def _text(value: bytes | str | None) -> str:
@@ -149,7 +170,9 @@ class _Logic:
 
     @staticmethod
     def message(row: Sequence[Any]) -> PersistedMessage:
-        id_, topic, key, data, attributes, created, attempts = row[:7]
+        """The message of a script's row: id, topic, key, data, attrs, created, attempts,
+        progress (what follows is the script's own)."""
+        id_, topic, key, data, attributes, created, attempts, progress = row[:8]
         attrs_text = _text(attributes)
         return PersistedMessage(
             id=_text(id_),
@@ -159,23 +182,69 @@ class _Logic:
             ordering_key=_text(key) or None,
             created_at=datetime.fromtimestamp(_seconds(created), UTC),
             attempts=int(_text(attempts) or 0),
+            progress=None if progress is None else _text(progress),
         )
 
-    def close_args(self, batch: BufferedBatch | AsyncBufferedBatch) -> list[str]:
+    def _readable(self, row: Sequence[Any]) -> PersistedMessage:
+        """:meth:`message`, or for an entry that cannot be read (parked because of it) a
+        stand-in with what can be shown."""
+        try:
+            return self.message(row)
+        except Exception:
+            return PersistedMessage(
+                _text(row[0]), _text(row[1]), b"", None, _text(row[2]) or None,
+                datetime.fromtimestamp(0, UTC), 0,
+            )  # fmt: skip
+
+    def close_args(self, batch: BufferedBatch | AsyncBufferedBatch) -> list[str | bytes]:
+        """The close script's arguments: the marks of each sequence as JSON, and after them the
+        texts that the marks' details name (see the script in ``scripts.lua``)."""
         payload = []
+        texts: list[str | bytes] = []
+        details = batch.details
         for sequence, token in batch.tokens.items():
             topic, key = sequence
-            outcomes = [
-                [
+            outcomes = []
+            for kind, message, detail, retry_after in batch.outcomes.get(sequence, []):
+                outcome: list[object] = [
                     kind,
                     message.id,
                     _error_text(detail) if kind != "published" else "",
                     None if retry_after is None else retry_after.total_seconds(),
                 ]
-                for kind, message, detail, retry_after in batch.outcomes.get(sequence, [])
-            ]
+                extra = details.get(message.id) if details else None
+                if extra is not None:
+                    named = self._details(extra, kind, detail, texts)
+                    if named:
+                        outcome.append(named)
+                outcomes.append(outcome)
             payload.append([encode_name(topic), encode_name(key), token, outcomes])
-        return [self.prefix, self.now_arg(), json.dumps(payload)]
+        return [self.prefix, self.now_arg(), json.dumps(payload), self.channel, *texts]
+
+    @staticmethod
+    def _details(
+        extra: MarkDetails, kind: str, publish_id: str | None, texts: list[str | bytes]
+    ) -> dict[str, object]:
+        """One mark's details as the close script reads them: the ``ARGV`` index of each text
+        it needs, the texts appended to ``texts`` (binary-safe, never through JSON)."""
+
+        def add(*values: str | bytes) -> int:
+            at = CLOSE_TEXTS_FROM + len(texts)
+            texts.extend(values)
+            return at
+
+        named: dict[str, object] = {}
+        if extra.progress is not None:
+            named["progress"] = add(extra.progress)
+        if extra.keep and kind == "published":
+            named["keep"] = add(publish_id or "")
+        if extra.follow_ups:
+            firsts = []
+            for entry in extra.follow_ups:
+                _, fields = entry_args(entry)  # a new id, as the persister makes them
+                firsts.append(add(*fields))
+            named["follow_ups"] = firsts
+        return named
 
     def check_lost(self, reply: Any) -> None:
         lost = [(decode_name(th), decode_name(kh)) for th, kh in reply]
@@ -190,23 +259,54 @@ class _Logic:
         return [self.prefix, "" if topic is None else encode_name(topic), str(max(0, limit))]
 
     def dead_letter(self, row: Sequence[Any]) -> DeadLetter:
-        error, failed_at, state = row[7:10]
+        error, failed_at, state = row[8:11]
         state_text: Literal["parked", "blocked"] = (
             "parked" if _text(state) == "parked" else "blocked"
         )
-        try:
-            message = self.message(row)
-        except Exception:  # parked because it was unreadable: shown as best it can be
-            message = PersistedMessage(
-                _text(row[0]), _text(row[1]), b"", None, _text(row[2]) or None,
-                datetime.fromtimestamp(0, UTC), 0,
-            )  # fmt: skip
         return DeadLetter(
-            message=message,
+            message=self._readable(row),
             error=_text(error),
             state=state_text,
             since=datetime.fromtimestamp(_seconds(failed_at), UTC),
         )
+
+    def find_args(self, id_: str) -> list[str]:
+        if not isinstance(id_, str):
+            raise TypeError(f"an outbox id is a string, not {type(id_).__name__}")
+        return [self.prefix, id_]
+
+    def found(self, row: Sequence[Any] | None) -> MessageRecord | None:
+        """The record of the ``find`` script's row (``None``: no such message)."""
+        if row is None:
+            return None
+        error, failed_at, state, publish_id, settled_at = row[8:13]
+        where = _STATES.get(_text(state), "pending")
+        if where == "settled":
+            return MessageRecord(
+                self._readable(row), "settled", None,
+                datetime.fromtimestamp(_seconds(settled_at), UTC), _text(publish_id),
+            )  # fmt: skip
+        failed = _text(failed_at)
+        since = datetime.fromtimestamp(float(failed), UTC) if failed else None
+        return MessageRecord(self._readable(row), where, _text(error) or None, since)
+
+    def purge_settled_args(self, topic: str, older_than: timedelta, now: str | None) -> list[str]:
+        """The arguments of one run of ``purge_settled``; ``now`` is what the first run
+        returned (``None`` for the first), so every run cuts at the same time."""
+        return [
+            self.prefix,
+            self.now_arg() if now is None else now,
+            repr(older_than.total_seconds()),
+            encode_name(topic),
+            str(PURGE_CHUNK),
+        ]
+
+    @staticmethod
+    def purged(reply: Any) -> tuple[int, str, bool]:
+        """How many one run of ``purge_settled`` deleted, the time it cut at, and whether
+        there may be more."""
+        count, now = int(reply[0]), _text(reply[1])
+        return count, now, count >= PURGE_CHUNK
 
     def ids_args(self, ids: Sequence[str]) -> list[str]:
         if isinstance(ids, str):
@@ -428,7 +528,7 @@ class RedisStore:
         self._schema_checked = True
         return version
 
-    def _run(self, name: str, args: list[str]) -> Any:
+    def _run(self, name: str, args: Sequence[str | bytes]) -> Any:
         return self._scripts[name](keys=[], args=args)
 
     def checkout_batch(self, topic_names: Sequence[str], limit: int) -> RedisBatch | None:
@@ -474,6 +574,22 @@ class RedisStore:
     def backlog(self) -> list[TopicBacklog]:
         """Pending, oldest pending age and dead letters, per topic."""
         return self._l.backlog(self._run("backlog", self._l.backlog_args()))
+
+    def find_message(self, id: str) -> MessageRecord | None:
+        """The message of outbox id ``id``: pending, blocked, parked or settled (kept), with
+        its progress; ``None`` when there is no such message (any more)."""
+        return self._l.found(self._run("find", self._l.find_args(id)))
+
+    def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """Delete the kept settled messages of ``topic`` settled more than ``older_than`` ago
+        (by the store's clock); return how many. Runs a script per thousand."""
+        total, more = 0, True
+        now: str | None = None  # the first run's time, so that every run cuts at the same one
+        while more:
+            reply = self._run("purge_settled", self._l.purge_settled_args(topic, older_than, now))
+            count, now, more = self._l.purged(reply)
+            total += count
+        return total
 
 
 # -- the asyncio face ----------------------------------------------------------------------------
@@ -536,7 +652,7 @@ class AsyncRedisStore:
         self._schema_checked = True
         return version
 
-    async def _run(self, name: str, args: list[str]) -> Any:
+    async def _run(self, name: str, args: Sequence[str | bytes]) -> Any:
         return await cast(Any, self._scripts[name])(keys=[], args=args)
 
     async def checkout_batch(
@@ -579,3 +695,17 @@ class AsyncRedisStore:
     async def backlog(self) -> list[TopicBacklog]:
         """Pending, oldest pending age and dead letters, per topic."""
         return self._l.backlog(await self._run("backlog", self._l.backlog_args()))
+
+    async def find_message(self, id: str) -> MessageRecord | None:
+        """See :meth:`RedisStore.find_message`."""
+        return self._l.found(await self._run("find", self._l.find_args(id)))
+
+    async def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """See :meth:`RedisStore.purge_settled`."""
+        total, more = 0, True
+        now: str | None = None
+        while more:
+            args = self._l.purge_settled_args(topic, older_than, now)
+            count, now, more = self._l.purged(await self._run("purge_settled", args))
+            total += count
+        return total
