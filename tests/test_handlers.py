@@ -657,3 +657,72 @@ def test_handlers_run_in_the_trace_context_captured_at_publish() -> None:
     assert relay.process_messages().successes == 1
     assert seen == [publisher.trace_id] * 2
     assert trace.get_current_span().get_span_context().trace_id == 0  # nothing leaked out
+
+
+@pytest.mark.parametrize("harness", ["sqlite", "postgres"], indirect=True)
+def test_the_hooks_message_is_rolled_back_with_a_failure_that_comes_after_it(
+    harness: StoreHarness, store: Store, clock: FakeClock
+) -> None:
+    """A failure injected in the store after the hook ran (the dead-letter insert raises, in
+    the transaction that writes the hook's message first): neither is committed; once the fault
+    is gone, both are."""
+    failed_events = HandlerTopic("failed-events", CODEC, {"EventFailed": {"a": Flaky()}})
+
+    def on_max_errors(reached: MaxErrorsReached) -> None:
+        bind(failed_events, reached.outbox).publish({"type": "EventFailed"})
+
+    email = Flaky(failures=99)
+    events = HandlerTopic(
+        "events", CODEC, {"Invited": {"email": email}}, on_max_errors=on_max_errors
+    )
+    [id_] = write(harness, events, {"type": "Invited"})
+    relay = relay_for(store, events, retry=RetryPolicy(max_attempts=1))
+    fault = _inject_dead_letter_failure(harness)
+    try:
+        assert relay.process_messages().store_error is not None
+        assert _state(store, id_) == "pending"
+        record = progress_store(store).find_message(id_)
+        assert record is not None
+        assert record.message.attempts == 0  # the failure was not recorded either
+        clock.advance(3600)  # the failed close released nothing: let its lease run out
+        assert store.checkout_batch(["failed-events"], 10) is None
+    finally:
+        fault()
+    assert relay.process_messages().dead == 1
+    assert _state(store, id_) == "parked"
+    batch = store.checkout_batch(["failed-events"], 10)
+    assert batch is not None
+    assert len(batch.messages) == 1
+    batch.close()
+
+
+def _inject_dead_letter_failure(harness: StoreHarness) -> Callable[[], None]:
+    """Make every insert into the dead letters fail; return what removes the fault."""
+    if isinstance(harness, SQLiteHarness):
+        import sqlite3
+
+        def run(sql: str) -> None:
+            with sqlite3.connect(harness.path) as conn:
+                conn.execute(sql)
+
+        run(
+            "CREATE TRIGGER injected BEFORE INSERT ON outbox_dead_letters "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )
+        return lambda: run("DROP TRIGGER injected")
+    pool, schema = harness.pool, harness.schema  # type: ignore[attr-defined]
+    with pool.connection() as conn:
+        conn.execute(
+            f"CREATE FUNCTION {schema}.injected() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER injected BEFORE INSERT ON {schema}.outbox_dead_letters "
+            f"FOR EACH ROW EXECUTE FUNCTION {schema}.injected()"
+        )
+
+    def remove() -> None:
+        with pool.connection() as conn:
+            conn.execute(f"DROP TRIGGER injected ON {schema}.outbox_dead_letters")
+
+    return remove
