@@ -1450,3 +1450,36 @@ def test_atomic_g1_a_marks_follow_ups_commit_with_it_or_not_at_all(
         '{"sent": 1}',
     )
     assert follow_ups() == [(b"parked", {"of": id_})]  # a strict row: its position was drawn
+
+
+def test_a_batch_with_follow_ups_is_closed_on_its_own_not_inside_the_next_read_ahead(
+    pg_pool: ConnectionPool[Any], pg_schema: str, pg_store: PostgresStore
+) -> None:
+    with pg_pool.connection() as conn, conn.transaction():
+        write = persister(conn, schema=pg_schema)
+        ids = [write(entry(key=key)) for key in ("a", "b", "c", "d")]
+    first = pg_store.checkout_batch(["orders"], 1)
+    assert first is not None
+    second = first.read_ahead(["orders"], 1, (), None)
+    assert second is not None
+    [message] = first.messages
+    first.add_details({message.id: MarkDetails(follow_ups=[entry("dead-events")])})
+    first.mark_published(message, "p")
+    third = second.read_ahead(["orders"], 1, (), first)  # would close `first` in its round trip
+    assert third is not None
+    assert not first.closed  # left to the relay, which closes it next
+    first.close()
+    [plain] = second.messages
+    second.mark_published(plain, "p")
+    fourth = third.read_ahead(["orders"], 1, (), second)
+    assert fourth is not None
+    assert second.closed  # without follow-ups: closed inside the read-ahead, as before
+    for batch in (third, fourth):
+        for message in batch.messages:
+            batch.mark_published(message, "p")
+        batch.close()
+    assert {m.id for b in (first, second, third, fourth) for m in b.messages} == set(ids)
+    follow_up = pg_store.checkout_batch(["dead-events"], 10)
+    assert follow_up is not None
+    assert len(follow_up.messages) == 1
+    follow_up.close()
