@@ -45,7 +45,8 @@ from outboxbind import (
     RetryPolicy,
     bind,
 )
-from outboxbind.store import SequenceKey
+from outboxbind.messages import OutboxEntry
+from outboxbind.store import AsyncProgressStore, MarkDetails, ProgressStore, SequenceKey
 from outboxbind.stores.postgres import (
     AsyncPostgresStore,
     PostgresStore,
@@ -54,7 +55,7 @@ from outboxbind.stores.postgres import (
     sqlalchemy_persister,
 )
 from outboxbind.stores.postgres.persister import notify_channel
-from outboxbind.testing import FakeClock
+from outboxbind.testing import FakeClock, entry
 from outboxbind.topics.memory import InMemoryTopic
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=1.0, jitter=0.0)
@@ -1379,3 +1380,106 @@ def test_fair_g10_a_claim_takes_only_what_its_batch_needs_and_walks_wider_when_i
         batch.close()
     assert sizes[:4] == [16, 32, 64, 100]
     assert sum(sizes) == 300
+
+
+# -- progress, follow-ups and settled messages --------------------------------------------------
+
+
+def test_atomic_g1_a_marks_follow_ups_commit_with_it_or_not_at_all(
+    pg_dsn: str, pg_schema: str, pg_pool: ConnectionPool[Any], clock: FakeClock
+) -> None:
+    store = PostgresStore(pg_pool, schema=pg_schema, lease_duration=30, clock=clock)
+    store.migrate()
+    assert isinstance(store, ProgressStore)
+    assert isinstance(
+        AsyncPostgresStore(AsyncConnectionPool(pg_dsn, open=False)), AsyncProgressStore
+    )
+    with pg_pool.connection() as conn, conn.transaction():
+        [id_] = [persister(conn, schema=pg_schema)(entry(key="k"))]
+    # the close's transaction fails at its commit: after the dead letter and the follow-up were
+    # written (a deferred trigger runs at COMMIT, after every statement of the transaction)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE FUNCTION "{pg_schema}".refuse() RETURNS trigger LANGUAGE plpgsql AS '
+            "$$ BEGIN RAISE EXCEPTION 'injected: the commit fails'; END $$"
+        )
+        conn.execute(
+            f'CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON "{pg_schema}".'
+            "outbox_dead_letters DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            f'EXECUTE FUNCTION "{pg_schema}".refuse()'
+        )
+
+    def park_with_a_follow_up() -> None:
+        batch = store.checkout_batch(["orders"], 10)
+        assert batch is not None
+        [message] = batch.messages
+        assert (message.id, message.attempts, message.progress) == (id_, 0, None)
+        follow_up = OutboxEntry("dead-events", b"parked", {"of": id_}, "k", strict_sequence=True)
+        batch.add_details({id_: MarkDetails(progress='{"sent": 1}', follow_ups=[follow_up])})
+        batch.mark_dead(message, "max errors")
+        batch.close()
+
+    def follow_ups() -> list[tuple[bytes, dict[str, str]]]:
+        batch = store.checkout_batch(["dead-events"], 10)
+        if batch is None:
+            return []
+        with batch:
+            return [(m.data, dict(m.attributes)) for m in batch.messages]
+
+    with pytest.raises(psycopg.errors.RaiseException, match="injected"):
+        park_with_a_follow_up()
+    clock.advance(31)  # the failed close's leases were rolled back with it: they expire
+    assert follow_ups() == []
+    assert store.dead_letters() == []
+    found = store.find_message(id_)
+    assert found is not None
+    assert (found.state, found.error, found.message.attempts, found.message.progress) == (
+        "pending",
+        None,
+        0,
+        None,
+    )
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP TRIGGER refuse_at_commit ON "{pg_schema}".outbox_dead_letters')
+    park_with_a_follow_up()  # checks that the message came back unchanged, then parks it
+    [dead] = store.dead_letters()
+    assert (dead.message.id, dead.error, dead.message.progress) == (
+        id_,
+        "max errors",
+        '{"sent": 1}',
+    )
+    assert follow_ups() == [(b"parked", {"of": id_})]  # a strict row: its position was drawn
+
+
+def test_a_batch_with_follow_ups_is_closed_on_its_own_not_inside_the_next_read_ahead(
+    pg_pool: ConnectionPool[Any], pg_schema: str, pg_store: PostgresStore
+) -> None:
+    with pg_pool.connection() as conn, conn.transaction():
+        write = persister(conn, schema=pg_schema)
+        ids = [write(entry(key=key)) for key in ("a", "b", "c", "d")]
+    first = pg_store.checkout_batch(["orders"], 1)
+    assert first is not None
+    second = first.read_ahead(["orders"], 1, (), None)
+    assert second is not None
+    [message] = first.messages
+    first.add_details({message.id: MarkDetails(follow_ups=[entry("dead-events")])})
+    first.mark_published(message, "p")
+    third = second.read_ahead(["orders"], 1, (), first)  # would close `first` in its round trip
+    assert third is not None
+    assert not first.closed  # left to the relay, which closes it next
+    first.close()
+    [plain] = second.messages
+    second.mark_published(plain, "p")
+    fourth = third.read_ahead(["orders"], 1, (), second)
+    assert fourth is not None
+    assert second.closed  # without follow-ups: closed inside the read-ahead, as before
+    for batch in (third, fourth):
+        for message in batch.messages:
+            batch.mark_published(message, "p")
+        batch.close()
+    assert {m.id for b in (first, second, third, fourth) for m in b.messages} == set(ids)
+    follow_up = pg_store.checkout_batch(["dead-events"], 10)
+    assert follow_up is not None
+    assert len(follow_up.messages) == 1
+    follow_up.close()

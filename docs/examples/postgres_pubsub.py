@@ -72,7 +72,7 @@ def run(
     message_id = orders.publish(OrderPlaced(0, "bob"))  # a direct publish, not transactional
 
     store = PostgresStore(pool, schema=SCHEMA)
-    assert store.migrate() == [1, 2, 3]  # creates the outbox tables; a second call applies nothing
+    assert store.migrate() == [1, 2, 3, 4]  # creates the outbox tables; a second call does nothing
     with pool.connection() as conn:
         conn.execute("CREATE TABLE orders (id serial PRIMARY KEY, customer text NOT NULL)")
 

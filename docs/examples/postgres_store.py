@@ -40,7 +40,7 @@ def run(pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
         lease_duration=60.0,  # the relay's publish_timeout must be at most half of it
         keep_published=True,  # keep what was published, with its publish id
     )
-    assert store.migrate() == [1, 2, 3]  # the versions applied
+    assert store.migrate() == [1, 2, 3, 4]  # the versions applied
     assert store.migrate() == []  # up to date: nothing to do
 
     # Writers name the same schema and table.
@@ -72,8 +72,13 @@ def run(pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
     assert [(str(id_), publish_id) for id_, publish_id in kept] == [
         (p.outbox_id, p.publish_id) for p in invoices.published
     ]
+    settled = store.find_message(ids[0])  # where a message stands, by its outbox id
+    assert settled is not None
+    assert (settled.state, settled.publish_id) == ("settled", invoices.published[0].publish_id)
+    assert store.purge_settled("invoices", older_than=timedelta(days=30)) == 0  # one topic's
     assert store.purge_published(older_than=timedelta(days=30)) == 0  # the retention
     assert store.purge_published(older_than=timedelta(0)) == 3
+    assert store.find_message(ids[0]) is None  # gone for good
     print(f"published and kept {ids}, then purged them")
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncPostgresPersister",
     "PostgresPersister",
+    "insert_params",
     "notify_channel",
     "persister",
     "sqlalchemy_persister",
@@ -38,7 +39,9 @@ def notify_channel(schema: str, table: str) -> str:
     return f"outboxbind_{schema}_{table}"[:63]
 
 
-def _params(entry: OutboxEntry, channel: str) -> dict[str, Any]:
+def insert_params(entry: OutboxEntry, channel: str) -> dict[str, Any]:
+    """The parameters of the ``insert_message`` statement for ``entry``, notifying ``channel``
+    (the persisters', and a relay's close for the follow-ups of its marks)."""
     return {
         "topic": entry.topic,
         "ordering_key": entry.ordering_key or "",
@@ -79,7 +82,7 @@ class PostgresPersister:
     def __call__(self, entry: OutboxEntry, /) -> str:
         """Insert ``entry`` and return its outbox id; nothing is committed here."""
         _refuse_autocommit(self.conn, entry.topic)
-        row = self.conn.execute(self._insert, _params(entry, self._channel)).fetchone()
+        row = self.conn.execute(self._insert, insert_params(entry, self._channel)).fetchone()
         assert row is not None
         return str(row[0])
 
@@ -97,7 +100,7 @@ class AsyncPostgresPersister:
     async def __call__(self, entry: OutboxEntry, /) -> str:
         """Insert ``entry`` and return its outbox id; nothing is committed here."""
         _refuse_autocommit(self.conn, entry.topic)
-        cursor = await self.conn.execute(self._insert, _params(entry, self._channel))
+        cursor = await self.conn.execute(self._insert, insert_params(entry, self._channel))
         row = await cursor.fetchone()
         assert row is not None
         return str(row[0])

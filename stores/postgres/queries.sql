@@ -5,6 +5,7 @@
 -- name: insert_message
 -- Write one message in the caller's transaction and wake listening relays at its commit
 -- (PostgreSQL delivers one notification per transaction, channel and payload, never on rollback).
+-- Persisters write with it, and so does a relay's close: the follow-ups of its marks.
 -- One plain INSERT, the notification sent from its RETURNING list: a CTE around it measured
 -- ~45 us more per transaction.
 INSERT INTO {outbox} (id, position, topic, ordering_key, data, attributes, available_at, strict)
@@ -278,11 +279,12 @@ claimed AS (
 share (n) AS (
     SELECT ceil(%(limit)s::float8 / greatest(count(*), 1))::bigint FROM claimed
 )
-SELECT m.topic, m.ordering_key, m.id, m.position, m.data, m.attributes, m.created_at, m.attempts
+SELECT m.topic, m.ordering_key, m.id, m.position, m.data, m.attributes, m.created_at, m.attempts,
+       m.progress
 FROM claimed c
 CROSS JOIN LATERAL (
     SELECT o.topic, o.ordering_key, o.id, o.position, o.data, o.attributes, o.created_at,
-           o.attempts
+           o.attempts, o.progress
     FROM {outbox} o
     WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key
       AND o.position > c.after
@@ -304,6 +306,12 @@ CROSS JOIN LATERAL (
 -- (an array computed once), so the plan never walks a whole sequence, whatever the statistics.
 -- A lease row another claim has locked is being taken over (this batch's lease expired): it
 -- counts as lost at once, never waited for.
+-- What the relay saves with some marks (MarkDetails) rides on the marks' own arrays: the
+-- progress of each failed and dead message (%(failed_progress)s, %(dead_progress)s: NULL keeps
+-- the saved one; empty when the batch has none), and the published messages to keep
+-- (%(kept)s, all of them with keep_published; %(keeping)s is false when there are none, so the
+-- common batch pays nothing for it). The follow-ups are written by the caller, in the same
+-- transaction, for the sequences this returns.
 WITH batch_leases AS (
     SELECT * FROM unnest(%(lease_topics)s::text[], %(lease_keys)s::text[],
                          %(lease_tokens)s::bigint[], %(lease_kept)s::boolean[])
@@ -343,41 +351,45 @@ acked AS (
 kept AS (  -- reads the acked rows as they were before this statement (one snapshot for all)
     INSERT INTO {published}
         (id, topic, ordering_key, data, attributes, created_at, attempts, publish_id,
-         published_at)
+         published_at, progress)
     SELECT o.id, o.topic, o.ordering_key, o.data, o.attributes, o.created_at, o.attempts,
-           p.publish_id, coalesce(%(now)s::timestamptz, now())
+           k.publish_id, coalesce(%(now)s::timestamptz, now()), coalesce(k.progress, o.progress)
     FROM acked a
     JOIN {outbox} o USING (id)
-    JOIN unnest(%(published)s::bigint[], %(publish_ids)s::text[]) AS p (id, publish_id)
+    JOIN unnest(%(kept)s::bigint[], %(kept_publish_ids)s::text[], %(kept_progress)s::text[])
+         AS k (id, publish_id, progress)
       USING (id)
-    WHERE %(keep_published)s
+    WHERE %(keeping)s
     RETURNING id
 ),
 failed AS (
     UPDATE {outbox} o
     SET attempts = o.attempts + 1, last_error = f.error,
         failed_at = coalesce(%(now)s::timestamptz, now()),
-        available_at = coalesce(%(now)s::timestamptz, now()) + f.retry_seconds * interval '1 second'
-    FROM unnest(%(failed)s::bigint[], %(failed_errors)s::text[], %(retry_seconds)s::float8[])
-         AS f (id, error, retry_seconds)
+        available_at = coalesce(%(now)s::timestamptz, now()) + f.retry_seconds * interval '1 second',
+        progress = coalesce(f.progress, o.progress)
+    FROM unnest(%(failed)s::bigint[], %(failed_errors)s::text[], %(retry_seconds)s::float8[],
+                %(failed_progress)s::text[])
+         AS f (id, error, retry_seconds, progress)
     WHERE o.id = f.id
       AND o.topic || chr(31) || o.ordering_key = ANY(ARRAY(SELECT topic || chr(31) || ordering_key FROM held))
     RETURNING o.id
 ),
 parked AS (
     DELETE FROM {outbox} o
-    USING unnest(%(dead)s::bigint[], %(dead_errors)s::text[]) AS d (id, error)
+    USING unnest(%(dead)s::bigint[], %(dead_errors)s::text[], %(dead_progress)s::text[])
+          AS d (id, error, progress)
     WHERE o.id = d.id
       AND o.topic || chr(31) || o.ordering_key = ANY(ARRAY(SELECT topic || chr(31) || ordering_key FROM held))
     RETURNING o.id, o.topic, o.ordering_key, o.position, o.data, o.attributes, o.created_at,
-              o.attempts, d.error
+              o.attempts, d.error, coalesce(d.progress, o.progress) AS progress
 ),
 moved AS (
     INSERT INTO {dead_letters}
         (id, topic, ordering_key, position, data, attributes, created_at, attempts, last_error,
-         failed_at)
+         failed_at, progress)
     SELECT id, topic, ordering_key, position, data, attributes, created_at, attempts + 1, error,
-           coalesce(%(now)s::timestamptz, now())
+           coalesce(%(now)s::timestamptz, now()), progress
     FROM parked
     RETURNING id
 )
@@ -387,25 +399,26 @@ SELECT topic, ordering_key FROM held
 -- Move rows that cannot be read as messages to the dead letters, as they are, with the reason.
 WITH moved AS (
     DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[])
-    RETURNING id, topic, ordering_key, position, data, attributes, created_at, attempts
+    RETURNING id, topic, ordering_key, position, data, attributes, created_at, attempts, progress
 )
 INSERT INTO {dead_letters}
     (id, topic, ordering_key, position, data, attributes, created_at, attempts, last_error,
-     failed_at)
+     failed_at, progress)
 SELECT m.id, m.topic, m.ordering_key, coalesce(m.position, m.id), m.data, m.attributes,
-       m.created_at, m.attempts, e.error, coalesce(%(now)s::timestamptz, now())
+       m.created_at, m.attempts, e.error, coalesce(%(now)s::timestamptz, now()), m.progress
 FROM moved m JOIN unnest(%(ids)s::bigint[], %(errors)s::text[]) AS e (id, error) USING (id)
 
 -- name: list_dead_letters
 -- Parked and blocked messages, oldest first, of one topic (or all when %(topic)s is NULL).
-SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at, state
+SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+       failed_at, state
 FROM (
-    SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at,
-           'parked' AS state
+    SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+           failed_at, 'parked' AS state
     FROM {dead_letters} WHERE %(topic)s::text IS NULL OR topic = %(topic)s
     UNION ALL
-    SELECT id, topic, ordering_key, data, attributes, created_at, attempts, last_error, failed_at,
-           'blocked' AS state
+    SELECT id, topic, ordering_key, data, attributes, created_at, attempts, progress, last_error,
+           failed_at, 'blocked' AS state
     FROM {outbox}
     WHERE available_at IS NULL AND (%(topic)s::text IS NULL OR topic = %(topic)s)
 ) AS dead
@@ -413,16 +426,16 @@ ORDER BY id LIMIT %(limit)s
 
 -- name: replay_dead_letters
 -- Replay: parked messages go back with their ids and places, blocked ones are due again; both
--- with zero attempts. Returns how many.
+-- with zero attempts, and with the progress saved with them. Returns how many.
 WITH unparked AS (
     DELETE FROM {dead_letters} WHERE id = ANY(%(ids)s::bigint[])
-    RETURNING id, topic, ordering_key, position, data, attributes, created_at
+    RETURNING id, topic, ordering_key, position, data, attributes, created_at, progress
 ),
 restored AS (
     INSERT INTO {outbox}
-        (id, topic, ordering_key, position, data, attributes, created_at, available_at)
+        (id, topic, ordering_key, position, data, attributes, created_at, available_at, progress)
     SELECT id, topic, ordering_key, position, data, attributes, created_at,
-           coalesce(%(now)s::timestamptz, now())
+           coalesce(%(now)s::timestamptz, now()), progress
     FROM unparked
     RETURNING id
 ),
@@ -465,6 +478,38 @@ GROUP BY topic ORDER BY topic
 WITH purged AS (
     DELETE FROM {published}
     WHERE published_at < coalesce(%(now)s::timestamptz, now()) - %(older_than)s * interval '1 second'
+    RETURNING id
+)
+SELECT count(*) FROM purged
+
+-- name: find_message
+-- The message of outbox id %(id)s wherever it is: pending or blocked (the outbox), parked (the
+-- dead letters) or settled and kept (the published table); no row when there is none.
+SELECT state, id, topic, ordering_key, data, attributes, created_at, attempts, progress,
+       last_error, since, publish_id
+FROM (
+    SELECT CASE WHEN available_at IS NULL THEN 'blocked' ELSE 'pending' END AS state,
+           id, topic, ordering_key, data, attributes, created_at, attempts, progress,
+           last_error, failed_at AS since, NULL::text AS publish_id
+    FROM {outbox} WHERE id = %(id)s
+    UNION ALL
+    SELECT 'parked', id, topic, ordering_key, data, attributes, created_at, attempts, progress,
+           last_error, failed_at, NULL
+    FROM {dead_letters} WHERE id = %(id)s
+    UNION ALL
+    SELECT 'settled', id, topic, ordering_key, data, attributes, created_at, attempts, progress,
+           NULL, published_at, publish_id
+    FROM {published} WHERE id = %(id)s
+) AS found
+LIMIT 1
+
+-- name: purge_settled
+-- Retention for kept messages of one topic: delete those settled before a cutoff. Returns how
+-- many.
+WITH purged AS (
+    DELETE FROM {published}
+    WHERE topic = %(topic)s
+      AND published_at < coalesce(%(now)s::timestamptz, now()) - %(older_than)s * interval '1 second'
     RETURNING id
 )
 SELECT count(*) FROM purged

@@ -53,6 +53,7 @@ def names_for(schema: str, table: str) -> dict[str, str]:
         "outbox_waiting_index": quote_identifier(f"{table}_waiting_index"),
         "outbox_unpositioned_index": quote_identifier(f"{table}_unpositioned_index"),
         "published_at_index": quote_identifier(f"{table}_published_at_index"),
+        "settled_index": quote_identifier(f"{table}_settled_index"),
         "draw_position_trigger": quote_identifier(f"{table}_draw_position"),
         "schema": quote_identifier(schema),
     }

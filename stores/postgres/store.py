@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import psycopg
@@ -24,7 +24,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from outboxbind.errors import ConfigurationError, LeaseLost
-from outboxbind.messages import PersistedMessage
+from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.sql import array_literal, numbered, quote_identifier
 from outboxbind.store import (
     AsyncBufferedBatch,
@@ -32,18 +32,21 @@ from outboxbind.store import (
     BufferedBatch,
     DeadLetter,
     MessageBatch,
+    MessageRecord,
     SequenceKey,
     TopicBacklog,
     integer_ids,
     round_robin,
 )
-from outboxbind.stores.postgres.persister import notify_channel
+from outboxbind.stores.postgres.persister import insert_params, notify_channel
 from outboxbind.stores.postgres.schema import check_version, migrate, queries_for
 from outboxbind.wakeup import WakeupThread
 
 __all__ = ["AsyncPostgresBatch", "AsyncPostgresStore", "PostgresBatch", "PostgresStore"]
 
 log = logging.getLogger("outboxbind.stores.postgres")
+
+AnyPostgresBatch = TypeVar("AnyPostgresBatch", "PostgresBatch", "AsyncPostgresBatch")
 
 #: The settings of the relay's own transactions (claims, reads, acks, failures):
 #: - they need not wait for their WAL flush: if the server crashes before the flush, a lost claim
@@ -288,7 +291,7 @@ class _Statements:
         sequence: SequenceKey | None = None
         messages: list[PersistedMessage] = []
         at: list[int] = []
-        for topic, key, id_, position, data, attributes, created_at, attempts in rows:
+        for topic, key, id_, position, data, attributes, created_at, attempts, progress in rows:
             if sequence is None or topic != sequence[0] or key != sequence[1]:
                 sequence = (topic, key)
                 messages = by_sequence.setdefault(sequence, [])
@@ -307,7 +310,7 @@ class _Statements:
                 continue
             messages.append(
                 PersistedMessage(
-                    str(id_), topic, data, attributes, key or None, created_at, attempts
+                    str(id_), topic, data, attributes, key or None, created_at, attempts, progress
                 )
             )
             at.append(position)
@@ -329,27 +332,42 @@ class _Statements:
         return {"ids": list(unreadable), "errors": list(unreadable.values()), "now": self.now()}
 
     def close_params(self, batch: BufferedBatch | AsyncBufferedBatch) -> dict[str, Any]:
+        """The parameters of ``close_batch``: the leases, the marks, and what the marks' details
+        save (progress, messages to keep); the follow-ups are :meth:`follow_ups`."""
         published: list[str] = []
-        publish_ids: list[str | None] = []
+        kept: list[str] = []  # the published messages to keep: all of them with keep_published
+        kept_publish_ids: list[str | None] = []
+        kept_progress: list[str | None] = []
         failed: list[int] = []
         failed_errors: list[str | None] = []
         retry_seconds: list[float | None] = []
+        failed_progress: list[str | None] = []
         dead: list[int] = []
         dead_errors: list[str | None] = []
+        dead_progress: list[str | None] = []
+        keep_all, details = self.keep_published, batch.details
         for outcomes in batch.outcomes.values():
             for kind, message, detail, retry_after in outcomes:
+                extra = details.get(message.id) if details else None
                 if kind == "published":
                     published.append(message.id)
-                    publish_ids.append(detail)
+                    if keep_all or (extra is not None and extra.keep):
+                        kept.append(message.id)
+                        kept_publish_ids.append(detail)
+                        kept_progress.append(None if extra is None else extra.progress)
                 elif kind == "failed":
                     failed.append(int(message.id))
                     failed_errors.append(detail)
                     retry_seconds.append(
                         None if retry_after is None else retry_after.total_seconds()
                     )
+                    failed_progress.append(None if extra is None else extra.progress)
                 else:
                     dead.append(int(message.id))
                     dead_errors.append(detail)
+                    dead_progress.append(None if extra is None else extra.progress)
+        if not details:  # nothing to save: the arrays stay empty (unnest pads them with NULL)
+            failed_progress, dead_progress = [], []
         sequences = list(batch.tokens)
         return {
             "lease_topics": [topic for topic, _ in sequences],
@@ -359,15 +377,53 @@ class _Statements:
             # the ids came from this store's bigint column: sent as one array literal, which
             # the server parses, rather than adapted one by one
             "published": "{" + ",".join(published) + "}",
-            "publish_ids": publish_ids if self.keep_published else [],
-            "keep_published": self.keep_published,
+            "kept": "{" + ",".join(kept) + "}",
+            "kept_publish_ids": kept_publish_ids,
+            "kept_progress": kept_progress,
+            "keeping": bool(kept),
             "failed": failed,
             "failed_errors": failed_errors,
             "retry_seconds": retry_seconds,
+            "failed_progress": failed_progress,
             "dead": dead,
             "dead_errors": dead_errors,
+            "dead_progress": dead_progress,
             "now": self.now(),
         }
+
+    def follow_ups(
+        self, batch: BufferedBatch | AsyncBufferedBatch
+    ) -> list[tuple[SequenceKey, OutboxEntry]]:
+        """The follow-ups of the batch's marked messages, each with the sequence of the message
+        it follows: written in the close's transaction, for the sequences it held."""
+        if not batch.details:
+            return []
+        return [
+            (sequence, entry)
+            for sequence, outcomes in batch.outcomes.items()
+            for _, message, _, _ in outcomes
+            if (extra := batch.details.get(message.id)) is not None
+            for entry in extra.follow_ups
+        ]
+
+    def follow_up_params(
+        self,
+        follow_ups: Sequence[tuple[SequenceKey, OutboxEntry]],
+        held: Sequence[tuple[Any, ...]],
+    ) -> list[dict[str, Any]]:
+        """The ``insert_message`` parameters of the follow-ups whose sequence the close held
+        (``held``, its rows): a lost lease writes none."""
+        holding = {(topic, key) for topic, key in held}
+        return [insert_params(entry, self.channel) for sequence, entry in follow_ups
+                if sequence in holding]  # fmt: skip
+
+    def closable_within(self, closing: AnyPostgresBatch | None) -> AnyPostgresBatch | None:
+        """``closing`` if a read-ahead may close it in its own round trip: not closed yet, and
+        without follow-ups, which are written once the close knows the sequences it held (the
+        relay then closes it on its own, as any batch)."""
+        if closing is None or closing.closed or self.follow_ups(closing):
+            return None
+        return closing
 
     def check_held(
         self, batch: BufferedBatch | AsyncBufferedBatch, held: Sequence[tuple[Any, ...]]
@@ -381,17 +437,38 @@ class _Statements:
             )
 
     def dead_letter(self, row: tuple[Any, ...]) -> DeadLetter:
-        id_, topic, key, data, attributes, created_at, attempts, error, failed_at, state = row
-        if not isinstance(attributes, dict):  # a row parked as unreadable: shown without them
-            attributes = None
-        message = PersistedMessage(
-            str(id_), topic, data, attributes, key or None, created_at, attempts
-        )
+        (id_, topic, key, data, attributes, created_at, attempts, progress,
+         error, failed_at, state) = row  # fmt: skip
+        message = _message(id_, topic, key, data, attributes, created_at, attempts, progress)
         return DeadLetter(message, error or "", state, failed_at or created_at)
+
+    def message_record(self, row: tuple[Any, ...]) -> MessageRecord:
+        (state, id_, topic, key, data, attributes, created_at, attempts, progress,
+         error, since, publish_id) = row  # fmt: skip
+        message = _message(id_, topic, key, data, attributes, created_at, attempts, progress)
+        return MessageRecord(message, state, error, since, publish_id)
 
     def backlog_row(self, row: tuple[Any, ...]) -> TopicBacklog:
         topic, pending, oldest_age, dead = row
         return TopicBacklog(topic, int(pending), max(0.0, float(oldest_age)), int(dead))
+
+
+def _message(
+    id_: int,
+    topic: str,
+    key: str,
+    data: bytes,
+    attributes: Any,
+    created_at: datetime,
+    attempts: int,
+    progress: str | None,
+) -> PersistedMessage:
+    """A message as an operator sees it (dead letters, :meth:`PostgresStore.find_message`)."""
+    if not isinstance(attributes, dict):  # a row parked as unreadable: shown without them
+        attributes = None
+    return PersistedMessage(
+        str(id_), topic, data, attributes, key or None, created_at, attempts, progress
+    )
 
 
 @contextmanager
@@ -544,6 +621,14 @@ class PostgresStore:
         keep_published: keep each published message (with its publish id and time) in
             ``<table>_published`` instead of deleting it; :meth:`purge_published` is the
             retention.
+
+    It keeps what the relay saves with messages
+    (:class:`~outboxbind.store.ProgressStore`; its batches are
+    :class:`~outboxbind.store.DetailedBatch`): a mark's progress is saved on the message (and
+    goes with it to the dead letters and back), its follow-ups are written in the transaction
+    that applies it, and a published message whose details say ``keep`` is kept in
+    ``<table>_published`` as with ``keep_published``, until :meth:`purge_settled` (one topic's)
+    or :meth:`purge_published` (all) removes it.
     """
 
     def __init__(
@@ -638,7 +723,7 @@ class PostgresStore:
     ) -> PostgresBatch | None:
         if not topic_names or limit <= 0:
             return None
-        closing = closing if closing is not None and not closing.closed else None
+        closing = self._s.closable_within(closing)
         params = self._s.checkout_params(topic_names, limit, parent, continuing, closing)
         found: _Found | None = None
         with self.pool.connection() as conn:
@@ -676,12 +761,19 @@ class PostgresStore:
         return PostgresBatch(found, self, depth)
 
     def _close_batch(self, batch: BufferedBatch) -> None:
-        with self.pool.connection() as conn, _relay_pipeline(conn):
+        follow_ups = self._s.follow_ups(batch)
+        held: list[tuple[Any, ...]] | None = None
+        with self.pool.connection() as conn, _relay_pipeline(conn) as pipeline:
             closing = psycopg.RawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
+            if follow_ups:  # one more round trip, in the same transaction: the sequences held
+                pipeline.sync()
+                held = closing.fetchall()
+                if writes := self._s.follow_up_params(follow_ups, held):
+                    conn.cursor().executemany(self._s.sql["insert_message"], writes)
             conn.execute(COMMIT)  # waited for by the pipeline's end
-        self._s.check_held(batch, closing.fetchall())
+        self._s.check_held(batch, closing.fetchall() if held is None else held)
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Wake ``callback`` when a transaction that wrote to this outbox commits."""
@@ -709,6 +801,19 @@ class PostgresStore:
         """Delete kept published messages older than ``older_than``; return how many."""
         params = {"older_than": older_than.total_seconds(), "now": self._s.now()}
         return int(self._run("purge_published", params)[0][0])
+
+    def find_message(self, id: str) -> MessageRecord | None:
+        """The message of outbox id ``id``: pending, blocked, parked, or settled and kept
+        (``keep_published``, or its mark's details said ``keep``); ``None`` if there is none."""
+        [number] = integer_ids([id])
+        rows = self._run("find_message", {"id": number})
+        return self._s.message_record(rows[0]) if rows else None
+
+    def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """Delete the kept messages of ``topic`` settled more than ``older_than`` ago; return
+        how many."""
+        params = {"topic": topic, "older_than": older_than.total_seconds(), "now": self._s.now()}
+        return int(self._run("purge_settled", params)[0][0])
 
 
 class AsyncPostgresBatch(AsyncBufferedBatch):
@@ -833,7 +938,7 @@ class AsyncPostgresStore:
     ) -> AsyncPostgresBatch | None:
         if not topic_names or limit <= 0:
             return None
-        closing = closing if closing is not None and not closing.closed else None
+        closing = self._s.closable_within(closing)
         params = self._s.checkout_params(topic_names, limit, parent, continuing, closing)
         found: _Found | None = None
         async with self.pool.connection() as conn:
@@ -876,12 +981,19 @@ class AsyncPostgresStore:
         return AsyncPostgresBatch(found, self, depth)
 
     async def _close_batch(self, batch: AsyncBufferedBatch) -> None:
-        async with self.pool.connection() as conn, _async_relay_pipeline(conn):
+        follow_ups = self._s.follow_ups(batch)
+        held: list[tuple[Any, ...]] | None = None
+        async with self.pool.connection() as conn, _async_relay_pipeline(conn) as pipeline:
             closing = await psycopg.AsyncRawCursor(conn).execute(
                 *self._s.statement("close_batch", self._s.close_params(batch)), prepare=True
             )
+            if follow_ups:  # one more round trip, in the same transaction: the sequences held
+                await pipeline.sync()
+                held = await closing.fetchall()
+                if writes := self._s.follow_up_params(follow_ups, held):
+                    await conn.cursor().executemany(self._s.sql["insert_message"], writes)
             await conn.execute(COMMIT)  # waited for by the pipeline's end
-        self._s.check_held(batch, await closing.fetchall())
+        self._s.check_held(batch, await closing.fetchall() if held is None else held)
 
     def subscribe_wakeups(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Wake ``callback`` (from a listener thread) when a writing transaction commits."""
@@ -910,3 +1022,14 @@ class AsyncPostgresStore:
         """Delete kept published messages older than ``older_than``; return how many."""
         params = {"older_than": older_than.total_seconds(), "now": self._s.now()}
         return int((await self._run("purge_published", params))[0][0])
+
+    async def find_message(self, id: str) -> MessageRecord | None:
+        """See :meth:`PostgresStore.find_message`."""
+        [number] = integer_ids([id])
+        rows = await self._run("find_message", {"id": number})
+        return self._s.message_record(rows[0]) if rows else None
+
+    async def purge_settled(self, topic: str, older_than: timedelta) -> int:
+        """See :meth:`PostgresStore.purge_settled`."""
+        params = {"topic": topic, "older_than": older_than.total_seconds(), "now": self._s.now()}
+        return int((await self._run("purge_settled", params))[0][0])
