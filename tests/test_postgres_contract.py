@@ -15,12 +15,9 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.store import (
     DeadLetter,
-    DeadLetterAdmin,
-    DetailedBatch,
     MarkDetails,
     MessageBatch,
     MessageRecord,
-    ProgressStore,
     SequenceKey,
     Store,
     TopicBacklog,
@@ -36,7 +33,6 @@ from outboxbind.testing import (
     ReadAheadContract,
     StoreContract,
     StoreHarness,
-    entry,
 )
 
 
@@ -60,63 +56,13 @@ class PostgresHarness:
             return ids
 
 
-class PostgresProgressContract(ProgressContract):
-    """The kit's :class:`ProgressContract`, with one test compared per message.
-
-    The kit's ``test_progress_goes_with_a_dead_letter_and_is_kept_through_a_replay`` compares
-    the replayed batch as a list across two sequences (keys ``a`` and ``b``), an order the
-    store contract leaves open: it asks each sequence's messages in order, and this store's
-    walk visits a topic's keys downwards (``b`` first). The same assertions here, by id; drop
-    this override once the kit compares by id.
-    """
-
-    def test_progress_goes_with_a_dead_letter_and_is_kept_through_a_replay(
-        self, harness: StoreHarness, store: Store
-    ) -> None:
-        ids = harness.write([entry(key="a"), entry(key="b")])
-        batch = store.checkout_batch(["orders"], 10)
-        assert batch is not None
-        with batch:
-            assert isinstance(batch, DetailedBatch)
-            batch.add_details(
-                {ids[0]: MarkDetails(progress='{"p": 1}'), ids[1]: MarkDetails(progress='{"b": 1}')}
-            )
-            by_id = {m.id: m for m in batch.messages}
-            batch.mark_dead(by_id[ids[0]], "parked")
-            batch.mark_failed(by_id[ids[1]], "blocked", None)
-        admin, finder = store, store
-        assert isinstance(admin, DeadLetterAdmin)
-        assert isinstance(finder, ProgressStore)
-        dead = {d.message.id: d for d in admin.dead_letters()}
-        assert dead[ids[0]].message.progress == '{"p": 1}'
-        assert dead[ids[1]].message.progress == '{"b": 1}'
-        found = finder.find_message(ids[0])
-        assert found is not None
-        assert (found.state, found.error, found.message.progress) == (
-            "parked",
-            "parked",
-            '{"p": 1}',
-        )
-        blocked = finder.find_message(ids[1])
-        assert blocked is not None
-        assert blocked.state == "blocked"
-        assert admin.replay_dead_letters(ids) == 2
-        again = store.checkout_batch(["orders"], 10)
-        assert again is not None
-        with again:
-            assert {m.id: (m.progress, m.attempts) for m in again.messages} == {
-                ids[0]: ('{"p": 1}', 0),
-                ids[1]: ('{"b": 1}', 0),
-            }
-
-
-class TestPostgresStore(StoreContract, ReadAheadContract, PostgresProgressContract):
+class TestPostgresStore(StoreContract, ReadAheadContract, ProgressContract):
     @pytest.fixture
     def harness(self, pg_pool: ConnectionPool[Any], pg_schema: str) -> StoreHarness:
         return PostgresHarness(pg_pool, pg_schema)
 
 
-class TestPostgresStoreStrictSequence(StoreContract, ReadAheadContract, PostgresProgressContract):
+class TestPostgresStoreStrictSequence(StoreContract, ReadAheadContract, ProgressContract):
     """The same contract when every message is written in strict-sequence mode."""
 
     @pytest.fixture
@@ -278,7 +224,7 @@ def async_pg_pool(pg_dsn: str, loop_thread: LoopThread) -> Iterator[AsyncConnect
     loop_thread.run(pool.close())
 
 
-class TestAsyncPostgresStore(StoreContract, ReadAheadContract, PostgresProgressContract):
+class TestAsyncPostgresStore(StoreContract, ReadAheadContract, ProgressContract):
     """The same contract for :class:`AsyncPostgresStore`, each call awaited on a loop thread."""
 
     @pytest.fixture

@@ -694,11 +694,11 @@ class ProgressContract:
         assert blocked is not None
         assert blocked.state == "blocked"
         assert admin.replay_dead_letters(ids) == 2
-        with _checkout(store, 10) as batch:
-            assert [(m.progress, m.attempts) for m in batch.messages] == [
-                ('{"p": 1}', 0),
-                ('{"b": 1}', 0),
-            ]
+        with _checkout(store, 10) as batch:  # two sequences: their order is the store's
+            assert {m.id: (m.progress, m.attempts) for m in batch.messages} == {
+                ids[0]: ('{"p": 1}', 0),
+                ids[1]: ('{"b": 1}', 0),
+            }
 
     def test_a_pending_message_is_found_with_its_last_error(
         self, harness: StoreHarness, store: Store
