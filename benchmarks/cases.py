@@ -41,7 +41,7 @@ from outboxbind.stores.postgres import AsyncPostgresStore, persister
 from outboxbind.stores.postgres.schema import names_for
 from outboxbind.stores.sqlite import SQLiteStore
 from outboxbind.stores.sqlite import persister as sqlite_persister
-from outboxbind.topics import PublishOutcome
+from outboxbind.topics import PublishOutcome, Topic
 
 Case = Callable[[bool], Figure]
 
@@ -233,12 +233,15 @@ class _AsyncNullTopic(NullTopic):
         return self.publish_batch(messages, timeout=timeout)
 
 
-async def _async_relay_rate(pool: Any, schema: str, batch: int, count: int) -> float:
+async def _async_relay_rate(
+    pool: Any, schema: str, batch: int, count: int, topic: Topic[Any] | None = None
+) -> float:
     """An ``AsyncRelay`` over an ``AsyncPostgresStore``, polling as a task: warmed up on a
-    backlog of its own, then woken on ``count`` messages; its rate over them."""
+    backlog of its own, then woken on ``count`` messages; its rate over them. ``topic``
+    (named ``topic-0``) replaces the null topic."""
     async with AsyncConnectionPool(DSN, min_size=2, max_size=4, open=False) as async_pool:
         relay = AsyncRelay(AsyncPostgresStore(async_pool, schema=schema), poll_interval=60.0)
-        relay.register_topic(_AsyncNullTopic("topic-0"))
+        relay.register_topic(topic or _AsyncNullTopic("topic-0"))
         task = asyncio.create_task(relay.poll_for_messages(batch))
         await asyncio.sleep(0.3)  # polling, and its wake-up connection is up
         try:
@@ -360,6 +363,35 @@ def drain_handlers(batch: int, style: str) -> Case:
     return case
 
 
+def drain_handlers_asyncio(quick: bool) -> Figure:
+    """The asyncio face of :func:`drain_handlers`: ``AsyncRelay`` over ``AsyncPostgresStore``
+    running two ``async`` no-op handlers per event, against the same relay to a null topic
+    (target 0.5), batch 500."""
+    count = 20_000 if quick else 100_000
+
+    async def nothing(event: bytes, context: HandlerContext) -> None:
+        return None
+
+    def null() -> float:
+        with outbox(pool_size=4) as (pool, schema, _store):
+            return asyncio.run(_async_relay_rate(pool, schema, 500, count))
+
+    def handlers() -> float:
+        events = HandlerTopic(
+            "topic-0", BytesCodec(), {"Event": {"a": nothing, "b": nothing}},
+            type_of=lambda _event: "Event",
+        )  # fmt: skip
+        with outbox(pool_size=4) as (pool, schema, _store):
+            return asyncio.run(_async_relay_rate(pool, schema, 500, count, events))
+
+    case_values, bound_values = taking_turns(null, handlers, 3 if quick else 5)
+    return Figure(
+        "handle PostgreSQL events, 2 async no-op handlers each, batch 500, asyncio relay",
+        "same relay to a null topic", "msgs/s", case_values, bound_values,
+        higher_is_better=True, target=0.5,
+    )  # fmt: skip
+
+
 ALL: list[Case] = [
     publish_overhead,
     publish_overhead_async,
@@ -373,6 +405,7 @@ ALL: list[Case] = [
     latency_null,
     drain_handlers(500, "async"),
     drain_handlers(500, "sync"),
+    drain_handlers_asyncio,
 ]
 
 

@@ -44,10 +44,12 @@ import json
 import logging
 import threading
 import time
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from types import MappingProxyType
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import attrs
 
@@ -62,7 +64,7 @@ from outboxbind.messages import OutboxEntry, PersistedMessage
 from outboxbind.store import MessageRecord
 from outboxbind.threads import DaemonThreadPool
 from outboxbind.topics import PublishOutcome, Topic
-from outboxbind.tracing import CORRELATION_ATTRIBUTE, message_context
+from outboxbind.tracing import CORRELATION_ATTRIBUTE, enter_message_context, message_context
 
 __all__ = [
     "CancellationToken",
@@ -139,14 +141,35 @@ class HandlerCancelled(Exception):
 
 class Handled(str):
     """The outcome of a message whose handlers all succeeded: a publish id (``"handled"``)
-    that carries the message's final progress, for a relay that keeps settled messages."""
+    whose ``progress`` is the message's final results (made only when read: a relay reads it
+    for a topic that keeps settled messages)."""
 
-    progress: str | None
+    _event_type: str
+    _results: Mapping[str, HandlerResult] | None
+    _ran: Sequence[str]
+    _at: datetime | None
 
-    def __new__(cls, progress: str | None) -> Handled:
+    def __new__(
+        cls,
+        event_type: str,
+        results: Mapping[str, HandlerResult] | None,
+        ran: Sequence[str] = (),
+        at: datetime | None = None,
+    ) -> Handled:
         handled = super().__new__(cls, "handled")
-        handled.progress = progress
+        handled._event_type = event_type
+        handled._results = results  # or, on a first try: the handlers that ran, and when
+        handled._ran = ran
+        handled._at = at
         return handled
+
+    @property
+    def progress(self) -> str:
+        """The final results, as the store keeps them."""
+        results = self._results
+        if results is None:
+            results = dict.fromkeys(self._ran, HandlerResult(self._at))
+        return _dump_results(self._event_type, results)
 
 
 class HandlerFailure(PublishError):
@@ -225,9 +248,9 @@ class HandlerResult:
         return self.processed_at is not None
 
 
-@attrs.frozen
-class HandlerContext:
-    """What a handler gets beside the event.
+class HandlerContext(NamedTuple):
+    """What a handler gets beside the event (read-only; a named tuple, made once per handler
+    and try, so that the cheapest handlers stay cheap).
 
     Attributes:
         message: the outbox message (its ``id`` is the idempotency key to use).
@@ -384,7 +407,7 @@ class _Run:
 
 def _type_field(field: str) -> Callable[[Any], object]:
     def type_of(event: Any) -> object:
-        if isinstance(event, Mapping):
+        if type(event) is dict or isinstance(event, Mapping):
             return event[field]
         return getattr(event, field)
 
@@ -446,6 +469,11 @@ class HandlerTopic(Topic[T], Generic[T]):
             strict_sequence=strict_sequence,
         )
         self.handlers = _checked_handlers(name, handlers)
+        self._is_async = {
+            handler: inspect.iscoroutinefunction(handler)
+            for named in self.handlers.values()
+            for handler in named.values()
+        }
         if isinstance(type_of, str):
             if not type_of:
                 raise ConfigurationError(f"topic {name!r}: type_of must name a field")
@@ -527,7 +555,11 @@ class HandlerTopic(Topic[T], Generic[T]):
                     if run.interrupted:
                         outcome: PublishOutcome = NotAttempted("the relay stopped the handlers")
                     else:
-                        outcome = await self._handle(messages[index], run)
+                        begun = self._begin(messages[index], run)
+                        if isinstance(begun, types.CoroutineType):
+                            outcome = await begun
+                        else:
+                            outcome = begun  # type: ignore[assignment]
                     outcomes[index] = outcome
                     if not isinstance(outcome, Handled):
                         for later in indexes[position + 1 :]:
@@ -567,8 +599,13 @@ class HandlerTopic(Topic[T], Generic[T]):
         for run in list(self._runs):
             run.interrupt()
 
-    async def _handle(self, message: PersistedMessage, run: _Run) -> PublishOutcome:
-        """Run the handlers of one message that have not succeeded; return its outcome."""
+    def _begin(
+        self, message: PersistedMessage, run: _Run
+    ) -> PublishOutcome | Coroutine[Any, Any, PublishOutcome]:
+        """Start the handlers of one message that have not succeeded: its outcome when they
+        are done at once (no-op and cached handlers, refusals), else a coroutine that waits
+        for them and gives it. Not a coroutine itself: the common message costs no task and no
+        coroutine frame."""
         try:
             event = self.codec.decode(message.data)
         except Exception as exc:
@@ -585,66 +622,122 @@ class HandlerTopic(Topic[T], Generic[T]):
                 f"no handlers for events of type {event_type!r} (known: "
                 f"{', '.join(sorted(self.handlers)) or 'none'})"
             )
-        try:
-            results = _load_results(message.progress)
-        except ValueError as exc:
-            return UnprocessableMessage(str(exc))
-        replayed = message.attempts == 0 and message.progress is not None
-        to_run = []
-        for name in handlers:
-            result = results.get(name)
-            if result is None or (
-                not result.succeeded and (replayed or result.unprocessable_at is None)
-            ):
-                to_run.append(name)
-        if any((message.id, name) in self._running for name in to_run):
+        if message.progress is None:  # the first try: every handler runs
+            results: dict[str, HandlerResult] = {}
+            to_run = list(handlers)
+        else:
+            try:
+                results = _load_results(message.progress)
+            except ValueError as exc:
+                return UnprocessableMessage(str(exc))
+            replayed = message.attempts == 0
+            to_run = []
+            for name in handlers:
+                result = results.get(name)
+                if result is None or (
+                    not result.succeeded and (replayed or result.unprocessable_at is None)
+                ):
+                    to_run.append(name)
+        if self._running and any((message.id, name) in self._running for name in to_run):
             return NotAttempted("a handler of this message still runs from an earlier try")
-        correlation_id = message.attributes.get(CORRELATION_ATTRIBUTE)
+        if not to_run:
+            return self._outcome(event_type, handlers, to_run, results, [])
+        scope = contextvars.copy_context()
+        attributes = message.attributes
+        correlation_id = None
+        if attributes:
+            scope.run(enter_message_context, attributes)
+            correlation_id = attributes.get(CORRELATION_ATTRIBUTE)
+        before = dict(results) if results else _NO_RESULTS
+        cancellation = run.cancellation
+        contexts = [
+            HandlerContext(message, event_type, name, correlation_id, cancellation, before)
+            for name in to_run
+        ]
+        if len(to_run) > self.max_handler_concurrency:
+            return self._bounded(event_type, handlers, to_run, results, contexts, event, scope, run)
+        started = [
+            self._start(handlers[context.handler], event, context, scope, run)
+            for context in contexts
+        ]
+        for outcome in started:
+            if type(outcome) is types.CoroutineType:
+                return self._finish(event_type, handlers, to_run, results, started)
+        return self._outcome(event_type, handlers, to_run, results, started)  # type: ignore[arg-type]
+
+    async def _finish(
+        self,
+        event_type: str,
+        handlers: Mapping[str, Handler],
+        to_run: list[str],
+        results: dict[str, HandlerResult],
+        started: list[Any],
+    ) -> PublishOutcome:
+        """Wait for the handlers :meth:`_begin` left running; the message's outcome."""
+        running = [(i, out) for i, out in enumerate(started) if type(out) is types.CoroutineType]
+        if len(running) == 1:
+            [(index, waiting)] = running
+            started[index] = await waiting
+        else:
+            ended = await asyncio.gather(*(waiting for _, waiting in running))
+            for (index, _), outcome in zip(running, ended, strict=True):
+                started[index] = outcome
+        return self._outcome(event_type, handlers, to_run, results, started)
+
+    async def _bounded(
+        self,
+        event_type: str,
+        handlers: Mapping[str, Handler],
+        to_run: list[str],
+        results: dict[str, HandlerResult],
+        contexts: list[HandlerContext],
+        event: Any,
+        scope: contextvars.Context,
+        run: _Run,
+    ) -> PublishOutcome:
+        """More handlers to run than ``max_handler_concurrency``: at most that many at once."""
+        limit = asyncio.Semaphore(self.max_handler_concurrency)
+
+        async def bounded(context: HandlerContext) -> BaseException | None:
+            async with limit:
+                started = self._start(handlers[context.handler], event, context, scope, run)
+                if started is None or isinstance(started, BaseException):
+                    return started
+                return await started
+
+        ended = await asyncio.gather(*(bounded(context) for context in contexts))
+        return self._outcome(event_type, handlers, to_run, results, list(ended))
+
+    def _outcome(
+        self,
+        event_type: str,
+        handlers: Mapping[str, Handler],
+        to_run: list[str],
+        results: dict[str, HandlerResult],
+        errors_in_order: list[BaseException | None],
+    ) -> PublishOutcome:
+        """The message's outcome from what its handlers did this try (``errors_in_order``,
+        one per name of ``to_run``) and before (``results``)."""
+        now = datetime.now(UTC)
+        if not results and not any(errors_in_order):  # the common case: all ran, all succeeded
+            return Handled(event_type, None, to_run, now)
         errors: dict[str, BaseException] = {}
-        if to_run:
-            before = dict(results)
-
-            def context(name: str) -> HandlerContext:
-                return HandlerContext(
-                    message, event_type, name, correlation_id, run.cancellation, before
+        for name, error in zip(to_run, errors_in_order, strict=True):
+            result = results.get(name, _NOT_RUN)
+            if error is None:
+                results[name] = HandlerResult(
+                    now, None, result.errors, result.last_error, result.last_error_at
                 )
-
-            if len(to_run) == 1:
-                [name] = to_run
-                error = await self._call(handlers[name], event, context(name), run)
-                outcomes = [error]
-            else:
-                limit = (
-                    asyncio.Semaphore(self.max_handler_concurrency)
-                    if len(to_run) > self.max_handler_concurrency
-                    else None
-                )
-
-                async def call(name: str) -> BaseException | None:
-                    if limit is None:
-                        return await self._call(handlers[name], event, context(name), run)
-                    async with limit:
-                        return await self._call(handlers[name], event, context(name), run)
-
-                outcomes = await asyncio.gather(*(call(name) for name in to_run))
-            now = datetime.now(UTC)
-            for name, error in zip(to_run, outcomes, strict=True):
-                result = results.get(name, _NOT_RUN)
-                if error is None:
-                    results[name] = attrs.evolve(result, processed_at=now, unprocessable_at=None)
-                    continue
-                errors[name] = error
-                results[name] = attrs.evolve(
-                    result,
-                    errors=result.errors + 1,
-                    last_error=_describe(error),
-                    last_error_at=now,
-                    unprocessable_at=now if isinstance(error, Unprocessable) else None,
-                )
-        progress = _dump_results(event_type, results)
+                continue
+            errors[name] = error
+            unprocessable = now if isinstance(error, Unprocessable) else None
+            results[name] = HandlerResult(
+                None, unprocessable, result.errors + 1, _describe(error), now
+            )
         unfinished = [name for name in handlers if not results[name].succeeded]
         if not unfinished:
-            return Handled(progress)
+            return Handled(event_type, results)
+        progress = _dump_results(event_type, results)
         failing = [name for name in unfinished if results[name].unprocessable_at is None]
         text = "; ".join(
             f"handler {name!r}: {results[name].last_error}" for name in (failing or unfinished)
@@ -658,42 +751,59 @@ class HandlerTopic(Topic[T], Generic[T]):
             retry_at=max(retry_times) if retry_times else None,
         )
 
-    async def _call(
-        self, handler: Handler, event: Any, context: HandlerContext, run: _Run
-    ) -> BaseException | None:
-        """Run one handler; return its error, or ``None`` when it succeeded."""
-        message_id, name = context.message.id, context.handler
+    def _start(
+        self,
+        handler: Handler,
+        event: Any,
+        context: HandlerContext,
+        scope: contextvars.Context,
+        run: _Run,
+    ) -> BaseException | Coroutine[Any, Any, BaseException | None] | None:
+        """Start one handler: its error, ``None`` if it already succeeded, or an awaitable of
+        either while it runs."""
         if run.interrupted:  # asked to stop before this handler began: it does not begin
             return HandlerCancelled("not started: the relay asked the handlers to stop")
-        try:
-            with message_context(context.message.attributes):  # its trace and correlation id
-                if inspect.iscoroutinefunction(handler):
-                    task = asyncio.ensure_future(handler(event, context))
-                    run.tasks.add(task)
-                    try:
-                        await task
-                    finally:
-                        run.tasks.discard(task)
-                    return None
-                key = (message_id, name)
-                self._running.add(key)
-                call = contextvars.copy_context().run
-                future = self._thread_pool().submit(call, handler, event, context)
-                future.add_done_callback(lambda _: self._running.discard(key))
-                result = await asyncio.wrap_future(future)
-                if inspect.isawaitable(result):  # a plain function returning a coroutine
-                    await result
+        own = scope.copy()  # as a task's: what the handler sets stays its own
+        if self._is_async[handler]:
+            coroutine: Coroutine[Any, Any, Any] = handler(event, context)  # type: ignore[assignment]
+            try:
+                first = own.run(coroutine.send, None)
+            except StopIteration:
                 return None
+            except Exception as exc:
+                return self._failed(context, exc)
+            task = run.loop.create_task(_resume(coroutine, first), context=own)
+            run.tasks.add(task)
+            task.add_done_callback(run.tasks.discard)
+            return self._awaited(task, context, run)
+        key = (context.message.id, context.handler)
+        self._running.add(key)
+        future = self._thread_pool().submit(own.run, handler, event, context)
+        future.add_done_callback(lambda _: self._running.discard(key))
+        return self._awaited(asyncio.wrap_future(future), context, run)
+
+    async def _awaited(
+        self, running: asyncio.Future[Any], context: HandlerContext, run: _Run
+    ) -> BaseException | None:
+        """Wait for a started handler; its error, or ``None`` when it succeeded."""
+        try:
+            result = await running
+            if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                await result
+            return None
         except asyncio.CancelledError:
             if not run.interrupted:
                 raise  # the caller itself is being cancelled
             return HandlerCancelled("cancelled: the relay asked the handlers to stop")
         except Exception as exc:
-            log.debug(
-                "handler %r of outbox message %s (topic %r) failed",
-                name, message_id, self.name, exc_info=exc,
-            )  # fmt: skip
-            return exc
+            return self._failed(context, exc)
+
+    def _failed(self, context: HandlerContext, error: Exception) -> Exception:
+        log.debug(
+            "handler %r of outbox message %s (topic %r) failed",
+            context.handler, context.message.id, self.name, exc_info=error,
+        )  # fmt: skip
+        return error
 
     def _thread_pool(self) -> DaemonThreadPool:
         with self._threads_lock:
@@ -743,6 +853,27 @@ class HandlerTopic(Topic[T], Generic[T]):
 
 
 _NOT_RUN = HandlerResult()
+_NO_RESULTS: Mapping[str, HandlerResult] = MappingProxyType({})
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
+    """Go on with a coroutine that was started by hand and suspended on ``pending`` (what it
+    yielded: a future, or ``None``), exactly as a task would have: each value sent or error
+    thrown in by the task running this goes to the coroutine."""
+    while True:
+        try:
+            sent = yield pending
+        except BaseException as error:
+            try:
+                pending = coroutine.throw(error)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coroutine.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _finite(timeout: float) -> float | None:

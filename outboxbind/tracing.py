@@ -17,6 +17,7 @@ __all__ = [
     "correlation",
     "current_correlation_id",
     "current_traceparent",
+    "enter_message_context",
     "message_context",
 ]
 
@@ -79,6 +80,16 @@ def _load_attach() -> Callable[[Mapping[str, str]], Callable[[], None]] | None:
 
 
 _attach = _load_attach()
+
+
+def enter_message_context(attributes: Mapping[str, str]) -> None:
+    """Make the trace context and correlation id that a message carries the current ones, for
+    good: call it in a context of the message's own (``contextvars.Context.run``)."""
+    if _attach is not None and "traceparent" in attributes:
+        _attach(attributes)
+    correlation_id = attributes.get(CORRELATION_ATTRIBUTE)
+    if correlation_id is not None:
+        _correlation_id.set(correlation_id)
 
 
 @contextlib.contextmanager
