@@ -453,6 +453,34 @@ def test_stop_cancels_running_handlers_and_saves_what_finished(
     assert not results["sync"].succeeded
 
 
+def test_a_draining_stop_that_runs_out_of_time_cancels_the_handlers_and_saves_results(
+    harness: StoreHarness, store: Store
+) -> None:
+    done = Flaky()
+    started = threading.Event()
+
+    async def sleeps(event: Event, context: HandlerContext) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    events = HandlerTopic("events", CODEC, {"Invited": {"sleeps": sleeps, "done": done}})
+    [id_] = write(harness, events, {"type": "Invited"})
+    relay = Relay(store, publish_timeout=14, poll_interval=0.01)
+    relay.register_topic(events)
+    loop = threading.Thread(target=relay.poll_for_messages)
+    loop.start()
+    assert started.wait(10)
+    begun = time.monotonic()
+    assert relay.stop(timeout=1.0) is False  # drain first: it cannot, within a second
+    loop.join(10)
+    assert 1.0 <= time.monotonic() - begun < 3
+    record = progress_store(store).find_message(id_)
+    assert record is not None
+    results = handler_results(record)
+    assert results["done"].succeeded
+    assert "cancelled" in (results["sleeps"].last_error or "").lower()
+
+
 def test_the_asyncio_relay_cancels_async_handlers_on_stop(
     harness: StoreHarness, store: Store
 ) -> None:
