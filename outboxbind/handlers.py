@@ -826,13 +826,13 @@ class HandlerTopic(Topic[T], Generic[T]):
         if self.on_max_errors is None or isinstance(error, UnprocessableMessage):
             return []  # settled as unprocessable: txob runs no hook for it
         event = self.codec.decode(message.data)
+        event_type = self.type_of(event)  # as the try computed it: it decoded the same event
         results = _load_results(getattr(error, "progress", None) or message.progress)
-        saved = json.loads(getattr(error, "progress", None) or message.progress or "{}")
         correlation_id = message.attributes.get(CORRELATION_ATTRIBUTE)
         reached = MaxErrorsReached(
             message,
             event,
-            str(saved.get("type", "")),
+            str(event_type),
             results,
             _describe(error),
             correlation_id,
